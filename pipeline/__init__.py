@@ -1,0 +1,1 @@
+"""Shared library of the world-model pipeline: config, stores, video I/O, tracking, reports."""

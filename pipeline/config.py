@@ -1,0 +1,120 @@
+"""Typed, validated params: each stage reads its section of ``params.yaml`` into a pydantic model.
+
+Unknown keys are errors (``extra="forbid"``); a bad value fails before any work with a message that
+names the file, the key path and what is allowed.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+# The top-level sections that params.yaml may hold: one per stage, plus shared ones.
+SECTIONS = (
+    "mlflow",
+    "store",
+    "loader",
+    "mnist_digits",
+    "moving_mnist",
+    "gameplay_videos",
+    "gameplay_frames",
+    "actions",
+    "tokenizer",
+    "latents",
+    "dynamics",
+    "policy",
+    "evaluate",
+    "report",
+)
+
+
+class ParamsError(ValueError):
+    """A params file is missing, malformed or does not validate."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config: unknown keys are refused, values are validated, instances frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def params_path() -> Path:
+    """``params.yaml`` of the current directory (DVC runs stages at the repository root)."""
+    return Path(os.environ.get("PIPELINE_PARAMS", "params.yaml"))
+
+
+def read_params(path: Path | None = None) -> dict[str, Any]:
+    path = Path(path) if path is not None else params_path()
+    if not path.exists():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: the top level must be a mapping of sections")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ParamsError(
+            f"{path}: unknown section(s) {unknown}; allowed sections: {list(SECTIONS)}"
+        )
+    return data
+
+
+def _format_error(path: Path, prefix: str, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid params in section '{prefix}':"]
+    for err in exc.errors():
+        loc = ".".join([prefix, *[str(p) for p in err["loc"]]])
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            msg = "unknown key"
+        else:
+            msg = err["msg"]
+        value = err.get("input")
+        shown = "" if kind == "missing" or isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  - {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def validate(model: type[M], data: Any, *, where: str, path: Path | str = "params.yaml") -> M:
+    """Validate ``data`` against ``model``; errors name the file and the dotted key path."""
+    try:
+        return model.model_validate(data if data is not None else {})
+    except ValidationError as exc:
+        raise ParamsError(_format_error(Path(path), where, exc)) from None
+
+
+def load_section(section: str, model: type[M], item: str | None = None, path: Path | None = None) -> M:
+    """Read ``section`` (or ``section.item`` for foreach stages) of params.yaml into ``model``."""
+    path = Path(path) if path is not None else params_path()
+    data = read_params(path)
+    if section not in data:
+        raise ParamsError(f"{path}: section '{section}' is missing")
+    sub = data[section]
+    where = section
+    if item is not None:
+        if not isinstance(sub, dict) or item not in sub:
+            have = list(sub) if isinstance(sub, dict) else []
+            raise ParamsError(f"{path}: '{section}.{item}' is missing (have: {have})")
+        sub = sub[item]
+        where = f"{section}.{item}"
+    return validate(model, sub, where=where, path=path)
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts/models to dotted keys (for MLflow params)."""
+    if isinstance(d, BaseModel):
+        d = d.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    out[prefix[:-1]] = d
+    return out
