@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.config import flatten
+from pipeline.config import StrictModel, flatten, params_path, read_params
 from pipeline.paths import repo_root
 
 EXPERIMENT = "world-models"
@@ -26,6 +26,22 @@ def tracking_uri() -> str:
     if env:
         return env
     return f"sqlite:///{(repo_root() / 'mlflow.db').resolve()}"
+
+
+class MlflowConfig(StrictModel):
+    """The ``mlflow`` section of params.yaml."""
+
+    experiment: str = EXPERIMENT
+
+
+def experiment_name() -> str:
+    """``MLFLOW_EXPERIMENT_NAME``, else params' ``mlflow.experiment``, else the default."""
+    env = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if env:
+        return env
+    if params_path().exists():
+        return MlflowConfig.model_validate(read_params().get("mlflow") or {}).experiment
+    return EXPERIMENT
 
 
 def git_commit() -> str:
@@ -83,7 +99,7 @@ def stage_run(stage: str, item: str | None = None, params: Any = None) -> Iterat
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+    mlflow.set_experiment(experiment_name())
     name = run_name(stage, item)
     with mlflow.start_run(run_name=name) as run:
         mlflow.set_tags(
