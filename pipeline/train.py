@@ -1,0 +1,382 @@
+"""The training loop shared by every training stage.
+
+``train(model, loss_fn, batches, cfg, ckpt_dir, ...)``: AdamW, linear warmup then cosine decay of
+the learning rate, gradient clipping, bf16 autocast where the device supports it (CUDA), optional
+EMA of the weights, fixed seeds, tqdm progress, MLflow metrics every ``log_every`` steps and
+evaluations (with an image grid) every ``eval_every`` steps.
+
+Every ``ckpt_every`` steps the whole training state (model, EMA, optimizer, RNG, step, history) is
+written atomically to ``<ckpt_dir>/state.pt`` as plain state dicts, loaded back with
+``torch.load(..., weights_only=True)``, plus a readable ``state.json``. A run that was killed
+resumes from its last checkpoint when started again with the same config: the data order is a
+function of the step (``step_batches``), so the resumed run sees the batches the killed one would
+have seen and its loss curve continues.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from pydantic import Field
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from pipeline.config import StrictModel
+from pipeline.reader import LoaderConfig, make_loader
+from pipeline.store import write_json
+
+log = logging.getLogger(__name__)
+
+STATE = "state.pt"
+STATE_JSON = "state.json"
+
+
+class TrainConfig(StrictModel):
+    """The ``train`` block of a training stage's params."""
+
+    steps: int = Field(1000, gt=0, description="optimizer steps in all")
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a fraction of lr")
+    warmup_steps: int = Field(100, ge=0, description="linear warmup, then cosine decay")
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null: no clipping")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the weights; null: off")
+    log_every: int = Field(25, gt=0)
+    eval_every: int = Field(250, gt=0)
+    ckpt_every: int = Field(250, gt=0)
+    seed: int = Field(0, ge=0)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    bf16: bool = Field(True, description="bf16 autocast where supported (CUDA); off on CPU")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device is {name!r} but no CUDA device is available; use 'auto' or 'cpu'")
+    return dev
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers copied)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - self.decay)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+# -- data order as a function of the step ------------------------------------------------------
+
+
+class StepOrder(Dataset):
+    """Item ``i`` is sample ``start_step * batch_size + i`` of an endless stream of seeded epochs.
+
+    Epoch ``e`` visits ``dataset`` in the order ``permutation(seed, e)``; read in order (no shuffle)
+    in batches of ``batch_size``, batch ``k`` is the one that step ``start_step + k`` trains on, no
+    matter where a run started. Picklable: the permutation is recomputed in each worker.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, start_step: int, end_step: int):
+        self.dataset = dataset
+        self.n = len(dataset)  # type: ignore[arg-type]
+        self.offset = start_step * batch_size
+        self.length = max(0, end_step - start_step) * batch_size
+        self.seed = seed
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def open(self) -> None:
+        opener = getattr(self.dataset, "open", None)
+        if callable(opener):
+            opener()
+
+    def __getitem__(self, i: int) -> Any:
+        epoch, pos = divmod(self.offset + i, self.n)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+        return self.dataset[int(self._perm[1][pos])]
+
+
+Batches = Callable[[int], Iterable[Any]]
+
+
+def step_batches(dataset: Dataset, cfg: TrainConfig, loader: LoaderConfig | None = None) -> Batches:
+    """``batches(start_step)``: the batches of steps ``start_step .. cfg.steps - 1``, in order."""
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise ValueError("the training set is empty")
+
+    def batches(start_step: int) -> Iterable[Any]:
+        order = StepOrder(dataset, cfg.batch_size, cfg.seed, start_step, cfg.steps)
+        return make_loader(order, cfg.batch_size, shuffle=False, seed=cfg.seed, cfg=loader)
+
+    return batches
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` atomically, with byte-identical output for identical input."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def load_torch(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """Load a file written by ``save_torch``: plain tensors and containers only (weights_only)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _config_key(config: Any) -> str:
+    """The config as canonical JSON: a checkpoint resumes only a run of the same config."""
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module          # the EMA model when EMA is on, else the trained model (eval mode)
+    step: int                 # optimizer steps done
+    history: list[dict] = field(default_factory=list)  # one row per log_every steps
+    evals: list[dict] = field(default_factory=list)    # one row per evaluation
+    resumed_from: int = 0     # step the run resumed from (0: fresh start)
+    stopped_early: bool = False
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, (int, float)) else str(v)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, np.ndarray):
+        batch = torch.from_numpy(batch)
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    return batch
+
+
+class Trainer:
+    """One training run; see ``train``."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, ckpt_dir: Path, config: Any, run: Any):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.model = model.to(self.device)
+        self.ckpt_dir = Path(ckpt_dir)
+        self.config_key = _config_key(config)
+        self.config = config
+        self.run = run
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=cfg.betas,
+        )
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
+        self.step = 0
+        self.history: list[dict] = []
+        self.evals: list[dict] = []
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.model if self.ema else self.model
+
+    # -- state ---------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "step": self.step,
+            "config": self.config_key,
+            "model": self.model.state_dict(),
+            "ema": self.ema.model.state_dict() if self.ema else {},
+            "optimizer": self.opt.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "history": self.history,
+            "evals": self.evals,
+        }
+
+    def save(self) -> None:
+        save_torch(self.state(), self.ckpt_dir / STATE)
+        write_json(self.ckpt_dir / STATE_JSON, {
+            "step": self.step, "config": self.config, "history": self.history, "evals": self.evals,
+        })
+
+    def try_resume(self) -> bool:
+        path = self.ckpt_dir / STATE
+        if not path.exists():
+            return False
+        try:
+            state = load_torch(path, self.device)
+        except Exception as exc:  # a corrupt file: start afresh rather than fail
+            log.warning("%s: unreadable checkpoint (%s); starting afresh", path, exc)
+            return False
+        if state["config"] != self.config_key:
+            log.warning("%s: checkpoint of a different config; starting afresh", path)
+            return False
+        self.model.load_state_dict(state["model"])
+        if self.ema:
+            self.ema.model.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if state["rng_cuda"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+        self.step = int(state["step"])
+        self.history, self.evals = list(state["history"]), list(state["evals"])
+        log.info("resuming from %s at step %d", path, self.step)
+        return True
+
+    # -- steps ---------------------------------------------------------------------------------
+    def train_step(self, batch: Any, loss_fn: Callable) -> tuple[float, float, dict]:
+        lr = lr_at(self.step, self.cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16(self.cfg, self.device)):
+            loss, parts = loss_fn(self.model, _to_device(batch, self.device), self.step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; lower train.lr or check the data")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.cfg.grad_clip if self.cfg.grad_clip else float("inf")
+        grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        self.opt.step()
+        if self.ema:
+            self.ema.update(self.model)
+        self.step += 1
+        return float(loss.detach()), grad_norm, {"lr": lr, **parts}
+
+    def evaluate(self, evaluate: Callable) -> dict:
+        self.eval_model.eval()
+        with torch.no_grad():
+            out = dict(evaluate(self.eval_model, self.step))
+        images = out.pop("images", None)
+        row = {"step": self.step, **out}
+        self.evals.append(row)
+        log.info("step %d: %s", self.step, ", ".join(f"{k} {_fmt(v)}" for k, v in out.items()))
+        if self.run is not None:
+            self.run.log_metrics({f"val/{k}": v for k, v in out.items()}, step=self.step)
+            if images is not None:
+                self.run.log_image(images, f"reconstructions/step_{self.step:06d}.png")
+        return row
+
+    def log_row(self, losses: list[float], grad_norms: list[float], parts: list[dict]) -> None:
+        row = {"step": self.step, "loss": float(np.mean(losses)), "grad_norm": float(np.mean(grad_norms))}
+        for k in parts[-1]:
+            row[k] = float(np.mean([p[k] for p in parts if k in p]))
+        self.history.append(row)
+        if self.run is not None:
+            self.run.log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step=self.step)
+
+
+def train(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict]],
+    batches: Batches,
+    cfg: TrainConfig,
+    ckpt_dir: Path | str,
+    *,
+    evaluate: Callable[[nn.Module, int], dict] | None = None,
+    config: Any = None,
+    run: Any = None,
+    stop_after: int | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` for ``cfg.steps`` steps, resuming from ``ckpt_dir`` when it holds a checkpoint.
+
+    - ``loss_fn(model, batch, step) -> (loss, parts)``: ``parts`` are floats logged with the loss.
+    - ``batches(start_step)``: the batches of steps ``start_step ..`` in order (``step_batches``).
+    - ``evaluate(model, step) -> dict``: scalar metrics, plus optionally ``images`` (an
+      (H, W, 3) uint8 grid logged to MLflow); run every ``eval_every`` steps and at the end.
+    - ``config``: JSON-able description of the run; a checkpoint resumes only the same config.
+    - ``run``: a ``StageRun`` (MLflow) or None.
+    - ``stop_after``: stop after this many steps of this session without saving (as if killed);
+      for tests of resumption.
+
+    The caller seeds and builds the model (``torch.manual_seed(cfg.seed)`` first) so that a fresh
+    run is reproducible; the resumed run restores the RNG state of its checkpoint.
+    """
+    trainer = Trainer(model, cfg, Path(ckpt_dir), config, run)
+    resumed = trainer.try_resume()
+    start = trainer.step
+    if not resumed:
+        torch.manual_seed(cfg.seed)
+    losses: list[float] = []
+    grad_norms: list[float] = []
+    parts: list[dict] = []
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+    stopped = False
+    iterator: Iterator = iter(batches(start)) if start < cfg.steps else iter(())
+    try:
+        while trainer.step < cfg.steps:
+            if stop_after is not None and trainer.step - start >= stop_after:
+                stopped = True
+                break
+            loss, gn, p = trainer.train_step(next(iterator), loss_fn)
+            losses.append(loss)
+            grad_norms.append(gn)
+            parts.append(p)
+            bar.update(1)
+            step = trainer.step
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                trainer.log_row(losses, grad_norms, parts)
+                bar.set_postfix(loss=f"{np.mean(losses):.4g}", lr=f"{p['lr']:.2e}")
+                losses, grad_norms, parts = [], [], []
+            if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                trainer.evaluate(evaluate)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                trainer.save()
+    finally:
+        bar.close()
+    if evaluate is not None and not stopped and (not trainer.evals or trainer.evals[-1]["step"] != trainer.step):
+        trainer.evaluate(evaluate)  # a run resumed at its final step still reports
+    out = trainer.eval_model.eval()
+    return TrainResult(out, trainer.step, trainer.history, trainer.evals, start, stopped)
+
+
+def clear_checkpoint(ckpt_dir: Path | str) -> None:
+    """Remove a run's resumable state (after its final outputs are written)."""
+    shutil.rmtree(ckpt_dir, ignore_errors=True)

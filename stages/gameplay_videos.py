@@ -1,0 +1,448 @@
+"""Gameplay videos: record Crafter episodes (offline default) or download URLs with yt-dlp.
+
+Output ``data/gameplay/videos/``: the videos, ``<name>.truth.json`` per Crafter episode and
+``manifest.csv`` (one row per video: name, source, status ok/failed, error, file, duration,
+frames, bytes, sha256, url, archive_id). One Prefect task per video, ``concurrency`` at once.
+
+The directory is a persistent DVC output, so that yt-dlp's download archive (``archive.txt``)
+survives reruns: a URL whose file is still here, unchanged, and whose id is in the archive is not
+requested again. The stage removes every file that does not belong to the current params.
+"""
+from __future__ import annotations
+
+import collections
+import csv
+import hashlib
+import io
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+import crafter
+import numpy as np
+import yt_dlp
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.cli import run_stage
+from pipeline.config import StrictModel, load_section
+from pipeline.download import check_url
+from pipeline.flows import run_tasks
+from pipeline.paths import metrics_path
+from pipeline.store import atomic_write_text, write_json
+from pipeline.tracking import stage_run
+from pipeline.video import VideoError, encode_video, probe_video
+
+log = logging.getLogger(__name__)
+
+VIDEOS_DIR = Path("data/gameplay/videos")
+MANIFEST = "manifest.csv"
+ARCHIVE = "archive.txt"
+COLUMNS = ["name", "source", "status", "error", "file", "duration", "frames", "bytes", "sha256", "url", "archive_id"]
+
+# Crafter's action ids: 0 noop, 1 move_left, 2 move_right, 3 move_up, 4 move_down, 5 do, 6 sleep.
+MOVES = (1, 2, 3, 4)
+NOT_MOVES = (0, 5)  # the agent never sleeps: sleeping darkens the view and freezes the player
+CAMERA_DOC = (
+    "The view is centred on the player: after a move_right that succeeded, player_pos x grows by 1 "
+    "and the image content shifts left by `unit` pixels (move_down: y grows, content shifts up). "
+    "player_pos[i] is the (x, y) tile of frame i (frame 0: after reset); actions[i] is the action "
+    "taken at frame i, leading to frame i + 1. The image is `view` tiles of `unit` pixels: the top "
+    "`local_view` tiles show the world, the bottom `inventory_rows` rows the inventory."
+)
+
+
+class CrafterConfig(StrictModel):
+    episodes: int = Field(12, gt=0)
+    steps: int = Field(160, gt=0, description="steps per episode")
+    size: int = Field(72, ge=18, description="render size in pixels (square, even)")
+    fps: float = Field(10, gt=0)
+    crf: int = Field(18, ge=0, le=51)
+    hold_min: int = Field(2, gt=0)
+    hold_max: int = Field(8, gt=0)
+    move_prob: float = Field(0.8, ge=0, le=1)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "CrafterConfig":
+        if self.hold_min > self.hold_max:
+            raise ValueError(f"hold_min ({self.hold_min}) must not exceed hold_max ({self.hold_max})")
+        if self.size % 2:
+            raise ValueError(f"size must be even for H.264 yuv420p, got {self.size}")
+        return self
+
+
+class UrlsConfig(StrictModel):
+    urls: list[str] = Field(default_factory=list, alias="list")
+    allowed_schemes: list[str] = ["https"]
+    allowed_hosts: list[str] = ["www.youtube.com", "youtube.com", "youtu.be"]
+    format: str = "bv*[height<=360][ext=mp4]/b[height<=360]/bv*/b"
+    retries: int = Field(3, ge=0)
+    retry_backoff_s: float = Field(2.0, ge=0)
+    rate_limit: str | None = Field("4M", description="bytes/s, yt-dlp syntax (4M, 500K); null: none")
+    max_filesize_mb: float | None = Field(500, gt=0)
+
+    @field_validator("urls")
+    @classmethod
+    def _unique(cls, urls: list[str]) -> list[str]:
+        dupes = sorted({u for u in urls if urls.count(u) > 1})
+        if dupes:
+            raise ValueError(f"URLs listed twice: {dupes}")
+        return urls
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is not None and yt_dlp.utils.parse_bytes(value) is None:
+            raise ValueError(f"not a rate in bytes/s (like 4M or 500K): {value!r}")
+        return value
+
+
+class Config(StrictModel):
+    source: Literal["crafter", "urls"] = "crafter"
+    concurrency: int = Field(2, gt=0)
+    crafter: CrafterConfig = CrafterConfig()
+    urls: UrlsConfig = UrlsConfig()
+
+
+# ---------------------------------------------------------------- manifest rows
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def video_row(out_dir: Path, name: str, file: str, source: str, url: str = "", archive_id: str = "") -> dict:
+    """An ``ok`` manifest row for a video file; a file that cannot be probed keeps the error.
+
+    A download that is not a readable video is still a download: the frames stage decodes it
+    and records the failure.
+    """
+    path = out_dir / file
+    row = {"name": name, "source": source, "status": "ok", "error": "", "file": file, "duration": "",
+           "frames": "", "bytes": path.stat().st_size, "sha256": sha256_file(path), "url": url,
+           "archive_id": archive_id}
+    try:
+        info = probe_video(path)
+        row.update(duration=info["duration"], frames=info["frames"])
+    except VideoError as exc:
+        row["error"] = one_line(f"probe: {exc}")
+    return row
+
+
+def one_line(message: str) -> str:
+    """A message on one line (yt-dlp's messages carry carriage returns)."""
+    return " ".join(str(message).split())
+
+
+def failed_row(name: str, source: str, error: str, url: str = "") -> dict:
+    row = dict.fromkeys(COLUMNS, "")
+    row.update(name=name, source=source, status="failed", error=one_line(error), url=url)
+    return row
+
+
+def write_manifest(path: Path, rows: list[dict], columns: list[str] = COLUMNS) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_manifest(path: Path) -> list[dict]:
+    """The rows of a manifest (an empty list when there is none)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def remove_others(out_dir: Path, names: set[str], keep: set[str]) -> None:
+    """Delete what does not belong to ``names`` (``<name>.*``) or ``keep`` (file names)."""
+    for p in out_dir.iterdir():
+        if p.name in keep or p.name.split(".")[0] in names:
+            continue
+        log.info("removing %s (not in the current params)", p)
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+# ---------------------------------------------------------------- crafter
+
+
+def agent_actions(rng: np.random.Generator, cfg: CrafterConfig) -> list[int]:
+    """The exploring agent's ``cfg.steps`` actions: each held for hold_min..hold_max steps."""
+    actions: list[int] = []
+    while len(actions) < cfg.steps:
+        pool = MOVES if rng.random() < cfg.move_prob else NOT_MOVES
+        action = int(pool[rng.integers(len(pool))])
+        actions += [action] * int(rng.integers(cfg.hold_min, cfg.hold_max + 1))
+    return actions[: cfg.steps]
+
+
+class _OrderedObjects(dict):
+    """An insertion-ordered set of world objects.
+
+    Crafter keeps each chunk's objects in a ``set``, whose order follows memory addresses; it
+    picks the creature to despawn from that order, so episodes differed from run to run.
+    """
+
+    def add(self, obj) -> None:
+        self[obj] = None
+
+    def remove(self, obj) -> None:
+        del self[obj]
+
+
+def deterministic_env(env: crafter.Env) -> crafter.Env:
+    """Make ``env``'s world keep its chunks' objects in insertion order (see _OrderedObjects)."""
+    world = env._world
+    reset = world.reset
+
+    def ordered_reset(seed=None):
+        reset(seed)
+        world._chunks = collections.defaultdict(_OrderedObjects)
+
+    world.reset = ordered_reset
+    return env
+
+
+def record_episode(cfg: CrafterConfig, episode: int) -> tuple[np.ndarray, dict]:
+    """Play one episode; returns its frames (T,size,size,3) uint8 and its truth record.
+
+    T is 1 + the steps taken (the episode ends early if the player dies).
+    """
+    seeds = np.random.SeedSequence([cfg.seed, episode])
+    env_seed = int(seeds.generate_state(1)[0] % (2**31 - 1))
+    rng = np.random.default_rng(seeds.spawn(1)[0])
+    env = deterministic_env(crafter.Env(size=(cfg.size, cfg.size), length=cfg.steps, seed=env_seed, reward=False))
+    frames = [env.reset()]
+    positions = [[int(v) for v in env._player.pos]]
+    taken: list[int] = []
+    for action in agent_actions(rng, cfg):
+        obs, _, done, info = env.step(action)
+        frames.append(obs)
+        positions.append([int(v) for v in info["player_pos"]])
+        taken.append(action)
+        if done:
+            break
+    names = list(env.action_names)
+    unit = cfg.size // 9
+    truth = {
+        "doc": CAMERA_DOC,
+        "episode": episode,
+        "env_seed": env_seed,
+        "fps": cfg.fps,
+        "frames": len(frames),
+        "size": cfg.size,
+        "unit": unit,
+        "view": [9, 9],
+        "local_view": [9, 7],
+        "inventory_rows": 2,
+        "action_set": names,
+        "actions": taken,
+        "action_names": [names[a] for a in taken],
+        "player_pos": positions,
+    }
+    return np.stack(frames), truth
+
+
+def crafter_name(episode: int) -> str:
+    return f"crafter_{episode:03d}"
+
+
+def write_episode(cfg: CrafterConfig, episode: int, out_dir: Path) -> dict:
+    """Record episode ``episode`` to ``<name>.mp4`` and ``<name>.truth.json``; its manifest row."""
+    name = crafter_name(episode)
+    frames, truth = record_episode(cfg, episode)
+    encode_video(frames, out_dir / f"{name}.mp4", cfg.fps, cfg.crf)
+    write_json(out_dir / f"{name}.truth.json", truth)
+    return video_row(out_dir, name, f"{name}.mp4", "crafter")
+
+
+def record_crafter(cfg: Config, out_dir: Path) -> list[dict]:
+    episodes = list(range(cfg.crafter.episodes))
+    names = [crafter_name(e) for e in episodes]
+    remove_others(out_dir, set(names), {MANIFEST})
+    outcomes = run_tasks(
+        lambda e: write_episode(cfg.crafter, e, out_dir), episodes,
+        name="crafter-episode", concurrency=cfg.concurrency, labels=names,
+    )
+    return [
+        failed_row(n, "crafter", f"{type(o).__name__}: {o}") if isinstance(o, Exception) else o
+        for n, o in zip(names, outcomes)
+    ]
+
+
+# ---------------------------------------------------------------- urls
+
+
+def url_name(url: str) -> str:
+    """A file-name-safe, stable name for a URL: a slug of its last path part and query + a hash."""
+    parts = urlsplit(url)
+    stem = parts.path.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{stem} {parts.query}").strip("-")[:40] or "video"
+    return f"{slug}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
+
+
+class _YtdlpLog:
+    """yt-dlp's logger: keeps its messages (the reason a download stopped is among them)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def debug(self, msg: str) -> None:
+        self.lines.append(msg)
+        log.debug(msg)
+
+    info = debug
+
+    def warning(self, msg: str) -> None:
+        self.lines.append(msg)
+        log.warning(msg)
+
+    def error(self, msg: str) -> None:
+        self.lines.append(msg)
+
+    def reason(self) -> str:
+        hints = [m for m in self.lines if "ERROR" in m or "larger than" in m or "Aborting" in m]
+        return (hints or self.lines or ["no file was written"])[-1]
+
+
+class DownloadError(RuntimeError):
+    """A URL gave no video file."""
+
+
+def _ytdlp_options(cfg: UrlsConfig, out_dir: Path, name: str, archive: Path | None, logger) -> dict:
+    opts = {
+        "format": cfg.format,
+        "outtmpl": {"default": str(out_dir / f"{name}.%(ext)s")},
+        "download_archive": str(archive) if archive else None,
+        "noplaylist": True,
+        "overwrites": True,  # reached only when the file here is missing or not the archived one
+        "logger": logger,
+        "noprogress": True,
+        # Retries are the Prefect task's (with backoff), not yt-dlp's.
+        "retries": 0,
+        "extractor_retries": 0,
+        "fragment_retries": 0,
+        "socket_timeout": 60,
+    }
+    if cfg.rate_limit is not None:
+        opts["ratelimit"] = yt_dlp.utils.parse_bytes(cfg.rate_limit)
+    if cfg.max_filesize_mb is not None:
+        opts["max_filesize"] = int(cfg.max_filesize_mb * 2**20)
+    return opts
+
+
+def _download_once(url: str, opts: dict) -> tuple[Path | None, dict | None, bool]:
+    """One yt-dlp run: (file written or None, info, whether the archive made yt-dlp skip it)."""
+    with yt_dlp.YoutubeDL(opts) as ydl:
+        try:
+            info = ydl.extract_info(url, download=True)
+        except yt_dlp.utils.DownloadError as exc:
+            raise DownloadError(f"{url}: {exc}") from None
+        if info is None:
+            return None, None, False
+        files = [d.get("filepath") for d in info.get("requested_downloads") or []]
+        files = [Path(f) for f in files if f and Path(f).exists()]
+        archived = bool(opts.get("download_archive")) and ydl.in_download_archive(info)
+        return (files[0] if files else None), info, archived
+
+
+def download_url(url: str, name: str, cfg: UrlsConfig, out_dir: Path) -> dict:
+    """Download ``url`` to ``<out_dir>/<name>.<ext>`` with yt-dlp; its manifest row.
+
+    When the archive lists the video but its file is gone (removed with an earlier params list),
+    it is downloaded again. Raises DownloadError (the task's retries apply).
+    """
+    logger = _YtdlpLog()
+    archive = out_dir / ARCHIVE
+    path, info, archived = _download_once(url, _ytdlp_options(cfg, out_dir, name, archive, logger))
+    if path is None and archived:
+        path, info, _ = _download_once(url, _ytdlp_options(cfg, out_dir, name, None, logger))
+    if path is None:
+        raise DownloadError(f"{url}: {logger.reason()}")
+    archive_id = yt_dlp.utils.make_archive_id(info["extractor_key"], info["id"])
+    return video_row(out_dir, name, path.name, "urls", url, archive_id)
+
+
+def reusable(row: dict | None, out_dir: Path, archived: set[str]) -> bool:
+    """Whether an earlier run's ``ok`` row still holds: its file unchanged and its id archived."""
+    if not row or row["status"] != "ok" or row["archive_id"] not in archived:
+        return False
+    path = out_dir / row["file"]
+    return path.is_file() and sha256_file(path) == row["sha256"]
+
+
+def download_urls(cfg: Config, out_dir: Path) -> list[dict]:
+    ucfg = cfg.urls
+    names = [url_name(u) for u in ucfg.urls]
+    remove_others(out_dir, set(names), {MANIFEST, ARCHIVE})
+    previous = {r["name"]: r for r in read_manifest(out_dir / MANIFEST)}
+    archive = out_dir / ARCHIVE
+    archived = set(archive.read_text().splitlines()) if archive.exists() else set()
+    rows: dict[str, dict] = {}
+    todo = []
+    for url, name in zip(ucfg.urls, names):
+        try:
+            check_url(url, ucfg.allowed_schemes, ucfg.allowed_hosts)
+        except ValueError as exc:
+            rows[name] = failed_row(name, "urls", str(exc), url)
+            continue
+        if reusable(previous.get(name), out_dir, archived):
+            log.info("%s: in the archive and unchanged, not downloaded again", url)
+            rows[name] = video_row(out_dir, name, previous[name]["file"], "urls", url, previous[name]["archive_id"])
+        else:
+            todo.append((url, name))
+    outcomes = run_tasks(
+        lambda job: download_url(job[0], job[1], ucfg, out_dir), todo,
+        name="download", concurrency=cfg.concurrency, retries=ucfg.retries,
+        retry_backoff_s=ucfg.retry_backoff_s, labels=[n for _, n in todo],
+    )
+    for (url, name), outcome in zip(todo, outcomes):
+        rows[name] = failed_row(name, "urls", str(outcome), url) if isinstance(outcome, Exception) else outcome
+    failed = {n for n, r in rows.items() if r["status"] == "failed"}
+    remove_others(out_dir, set(names) - failed, {MANIFEST, ARCHIVE})  # partial files of failures
+    return [rows[n] for n in names]
+
+
+# ---------------------------------------------------------------- stage
+
+
+def run(cfg: Config, out_dir: Path = VIDEOS_DIR) -> dict:
+    """Record or download the videos into ``out_dir``; writes the manifest; returns the metrics."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    rows = record_crafter(cfg, out_dir) if cfg.source == "crafter" else download_urls(cfg, out_dir)
+    write_manifest(out_dir / MANIFEST, rows)
+    ok = [r for r in rows if r["status"] == "ok"]
+    for r in rows:
+        if r["status"] == "failed":
+            log.warning("%s failed: %s", r["name"], r["error"])
+    return {
+        "videos_ok": len(ok),
+        "videos_failed": len(rows) - len(ok),
+        "bytes": int(sum(int(r["bytes"]) for r in ok)),
+        "duration_s": float(sum(float(r["duration"] or 0) for r in ok)),
+        "elapsed_s": round(time.perf_counter() - start, 3),
+    }
+
+
+def main() -> None:
+    cfg = load_section("gameplay_videos", Config)
+    with stage_run("gameplay_videos", None, cfg) as r:
+        metrics = run(cfg)
+        write_json(metrics_path("gameplay_videos"), metrics)
+        r.log_metrics(metrics)
+
+
+if __name__ == "__main__":
+    run_stage(main)

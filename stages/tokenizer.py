@@ -1,0 +1,397 @@
+"""Stage ``tokenizer`` (foreach dataset): train (or build) a frame tokenizer, measure it, save it.
+
+The kind is ``tokenizer.<dataset>.kind``: ``quantize`` (fixed 16-level tokens, no training),
+``cnn`` (convolutional autoencoder) or ``mae`` (block-causal masked-autoencoder transformer);
+see ``models/tokenizers.py``. Training uses the shared loop (``pipeline/train.py``) on windows of
+the training episodes; its resumable state lives in ``checkpoints/tokenizer-<dataset>/`` until the
+run completes, so a killed run continues where it stopped.
+
+Measured on held-out episodes (split by whole episodes): PSNR and SSIM (scikit-image), LPIPS when
+it can be built (else ``"n/a"`` and the reason), and in the same table the baselines: the mean
+training image (``psnr_mean_image``) and the ``quantize`` reconstruction (``psnr_quantize``).
+Health: the collapse ratio (spread of reconstructions over spread of inputs) and the latent std at
+every evaluation; ``collapsed`` is true when the ratio stayed below ``health.collapse_threshold``
+for ``health.collapse_patience`` evaluations in a row.
+
+Output ``data/<dataset>/tokenizer/``: ``model.pt`` (the state dict, EMA weights when EMA is on)
+and ``tokenizer.json`` (kind, model config, latent shape and dtype, metrics); ``load_tokenizer``
+reads it back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from models.tokenizers import (
+    KINDS,
+    QuantizeConfig,
+    QuantizeTokenizer,
+    Tokenizer,
+    build_tokenizer,
+    mask_ratio_at,
+    pixels,
+    reconstruction_loss,
+)
+from pipeline.cli import run_stage
+from pipeline.config import ParamsError, StrictModel, load_section
+from pipeline.image_metrics import (
+    NA,
+    CollapseGuard,
+    Distance,
+    collapse_ratio,
+    image_grid,
+    lpips_or_reason,
+    psnr,
+    spread,
+    ssim,
+    to_images,
+)
+from pipeline.paths import metrics_path
+from pipeline.reader import LoaderConfig, WindowDataset, iter_batches, split_episodes, window_index
+from pipeline.store import EpisodeStore, clean_stale, replace_dir, write_json
+from pipeline.tracking import stage_run
+from pipeline.train import TrainConfig, clear_checkpoint, load_torch, resolve_device, save_torch, step_batches, train
+
+log = logging.getLogger(__name__)
+
+FRAMES_KEY = "frames"
+MODEL_FILE = "model.pt"
+META_FILE = "tokenizer.json"
+TIMINGS = ("train_seconds", "steps_per_s")  # left out of tokenizer.json, which is byte-reproducible
+
+
+class QuantizeParams(StrictModel):
+    size: int = Field(32, gt=0, description="token grid size (frames are resized to size x size)")
+    levels: int = Field(16, ge=2, le=255, description="gray levels: ids 0..levels-1, id `levels` is MASK")
+
+
+class CNNParams(StrictModel):
+    latent_size: int = Field(16, gt=0, description="latent grid size: frame size / 2^k")
+    latent_channels: int = Field(8, gt=0)
+    width: int = Field(32, gt=0, description="channels after the first downsampling")
+    blocks: int = Field(2, ge=0, description="residual blocks at the latent resolution")
+
+
+class MAEParams(StrictModel):
+    patch_size: int = Field(8, gt=0)
+    n_latents: int = Field(16, gt=0, description="latent tokens per frame")
+    latent_dim: int = Field(16, gt=0, description="bottleneck width per latent token")
+    dim: int = Field(128, gt=0)
+    heads: int = Field(4, gt=0)
+    depth: int = Field(2, gt=0)
+    decoder_depth: int = Field(2, gt=0)
+    mlp_ratio: int = Field(4, gt=0)
+    window: int = Field(4, gt=0, description="frames per training window (block-causal over time)")
+    stride: int = Field(2, gt=0, description="frames between training windows")
+    mask_ratio_max: float = Field(0.5, ge=0, lt=1, description="MAE: per-frame mask ratio ~ U(0, max)")
+    mask_warmup_steps: int = Field(500, ge=0, description="curriculum: max ratio ramps from 0 over these steps")
+
+
+class EvalParams(StrictModel):
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="held-out episodes (whole episodes)")
+    split_seed: int = Field(0, ge=0)
+    max_frames: int = Field(512, gt=0, description="held-out frames measured at the end")
+    probe_frames: int = Field(64, gt=0, description="held-out frames measured at every evaluation")
+    batch_size: int = Field(64, gt=0, description="frames per batch when measuring")
+
+
+class HealthParams(StrictModel):
+    collapse_threshold: float = Field(0.3, gt=0, lt=1, description="reconstruction/input spread below which a run looks collapsed")
+    collapse_patience: int = Field(3, gt=0, description="evaluations in a row below the threshold that flag collapse")
+
+
+class Config(StrictModel):
+    """One dataset's block of the ``tokenizer`` section of params.yaml."""
+
+    kind: Literal["quantize", "cnn", "mae"] = "quantize"
+    lpips_weight: float = Field(0.0, ge=0, description="loss = MSE + lpips_weight * LPIPS (needs the lpips extra)")
+    lpips_net: Literal["vgg", "alex", "squeeze"] = "vgg"
+    quantize: QuantizeParams = QuantizeParams()
+    cnn: CNNParams = CNNParams()
+    mae: MAEParams = MAEParams()
+    train: TrainConfig = TrainConfig()
+    eval: EvalParams = EvalParams()
+    health: HealthParams = HealthParams()
+
+
+# -- building and loading ----------------------------------------------------------------------
+
+
+def model_config(cfg: Config, kind: str, frame_shape: tuple[int, ...]) -> dict:
+    """The model dataclass fields for ``kind`` from the params and the frames' (H, W, C)."""
+    h, w, c = frame_shape
+    if h != w:
+        raise ValueError(f"tokenizers need square frames (got {h}x{w}); set gameplay_frames.width = height")
+    base = {"image_size": int(h), "channels": int(c)}
+    if kind == "quantize":
+        return {**base, **cfg.quantize.model_dump()}
+    if kind == "cnn":
+        return {**base, **cfg.cnn.model_dump()}
+    mae = cfg.mae.model_dump(exclude={"window", "stride", "mask_ratio_max", "mask_warmup_steps"})
+    return {**base, **mae, "max_frames": cfg.mae.window}
+
+
+def encode_window(cfg: Config) -> int:
+    """Frames a tokenizer sees at once: the MAE window (block-causal over time), else 1."""
+    return cfg.mae.window if cfg.kind == "mae" else 1
+
+
+def save_tokenizer(model: Tokenizer, kind: str, meta: dict, out_dir: Path) -> None:
+    """Write ``model.pt`` and ``tokenizer.json`` to a temporary sibling, then rename into place."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-build")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_torch(state, tmp / MODEL_FILE)
+    write_json(tmp / META_FILE, {"kind": kind, "config": dataclasses.asdict(model.cfg), **meta})
+    replace_dir(tmp, out_dir)
+
+
+def read_tokenizer_meta(path: Path | str) -> dict:
+    meta_path = Path(path) / META_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path}: no tokenizer here; run `dvc repro tokenizer@<dataset>` first")
+    return json.loads(meta_path.read_text())
+
+
+def load_tokenizer(path: Path | str, device: str | torch.device = "cpu") -> Tokenizer:
+    """The tokenizer saved in ``path`` (a ``data/<dataset>/tokenizer`` directory), in eval mode."""
+    meta = read_tokenizer_meta(path)
+    if meta.get("kind") not in KINDS:
+        raise ValueError(f"{Path(path) / META_FILE}: unknown tokenizer kind {meta.get('kind')!r}")
+    model = build_tokenizer(meta["kind"], **meta["config"])
+    model.load_state_dict(load_torch(Path(path) / MODEL_FILE))
+    return model.to(device).eval()
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def data_fingerprint(store: EpisodeStore) -> str:
+    """Identifies the frames a run trained on (layout, attrs, first chunk), for safe resumption."""
+    h = hashlib.sha256(store.episode_ends.tobytes())
+    h.update(json.dumps(store.attrs, sort_keys=True, default=str).encode())
+    arr = store.array(FRAMES_KEY)
+    h.update(np.ascontiguousarray(arr[: int(arr.chunks[0])]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def held_out_windows(store: EpisodeStore, val_ids: np.ndarray, window: int, max_frames: int) -> np.ndarray:
+    """Non-overlapping windows of held-out episodes, evenly picked: (N, window, H, W, C) uint8."""
+    idx = window_index(store.episode_ends, val_ids, window, window)
+    if len(idx) == 0:
+        raise ValueError(f"{store.path}: no held-out window of {window} frames; raise tokenizer eval.val_fraction")
+    n = max(1, min(len(idx), max_frames // window))
+    pick = idx[np.linspace(0, len(idx) - 1, n).round().astype(int)]
+    arr = store.array(FRAMES_KEY)
+    return np.stack([arr[int(a) : int(b)] for a, b in pick])
+
+
+def mean_image(store: EpisodeStore, train_ids: np.ndarray, batch: int = 1024) -> np.ndarray:
+    """The mean training frame (H, W, C) in [0, 1], over every frame of the training episodes."""
+    frame_episode = np.repeat(np.arange(store.n_episodes), store.episode_lengths())
+    is_train = np.isin(frame_episode, train_ids)
+    total = np.zeros(store.array(FRAMES_KEY).shape[1:], dtype=np.float64)
+    for start, frames in iter_batches(store.path, FRAMES_KEY, batch):
+        keep = is_train[start : start + len(frames)]
+        total += frames[keep].sum(axis=0, dtype=np.float64)
+    return (total / max(1, int(is_train.sum())) / 255).astype(np.float32)
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reconstruct(model: Tokenizer, windows: np.ndarray, batch_frames: int, device: torch.device) -> tuple[np.ndarray, np.ndarray, float]:
+    """Reconstructions (N*T, H, W, C), targets likewise, and the latent std across frames."""
+    t = windows.shape[1]
+    per = max(1, batch_frames // t)
+    recons, targets, latents = [], [], []
+    for i in range(0, len(windows), per):
+        x = pixels(torch.from_numpy(windows[i : i + per]).to(device))
+        z = model.encode(x)
+        recons.append(to_images(model.decode(z)))
+        targets.append(to_images(x))
+        latents.append(z.flatten(0, 1).float().cpu())
+    return np.concatenate(recons), np.concatenate(targets), spread(torch.cat(latents))
+
+
+def quality(recon: np.ndarray, target: np.ndarray, lpips_fn: Distance | None, lpips_reason: str | None,
+            device: torch.device) -> dict:
+    """psnr, ssim, lpips (or "n/a" and lpips_reason), collapse_ratio of reconstructions."""
+    out = {"psnr": psnr(recon, target), "ssim": ssim(recon, target), "collapse_ratio": collapse_ratio(recon, target)}
+    if lpips_fn is None:
+        out.update(lpips=NA, lpips_reason=lpips_reason)
+    else:
+        with torch.no_grad():
+            a = torch.from_numpy(recon).permute(0, 3, 1, 2).to(device)
+            b = torch.from_numpy(target).permute(0, 3, 1, 2).to(device)
+            out["lpips"] = float(torch.cat([lpips_fn(a[i : i + 64], b[i : i + 64]) for i in range(0, len(a), 64)]).mean())
+    return out
+
+
+# -- the stage ---------------------------------------------------------------------------------
+
+
+def _loss_fn(cfg: Config, perceptual: Distance | None):
+    def loss_fn(model, batch, step):
+        x = pixels(batch[FRAMES_KEY])
+        if cfg.kind == "mae":
+            ratio = mask_ratio_at(step, cfg.mae.mask_ratio_max, cfg.mae.mask_warmup_steps)
+            loss, parts = reconstruction_loss(model(x, ratio), x, perceptual, cfg.lpips_weight)
+            return loss, {**parts, "mask_ratio_max": ratio}
+        return reconstruction_loss(model(x), x, perceptual, cfg.lpips_weight)
+
+    return loss_fn
+
+
+def _probe_fn(probe: np.ndarray, cfg: Config, guard: CollapseGuard, device: torch.device):
+    def evaluate(model, step):
+        recon, target, zstd = reconstruct(model, probe, cfg.eval.batch_size, device)
+        ratio = collapse_ratio(recon, target)
+        collapsed = guard.update(ratio, step)
+        return {
+            "psnr": psnr(recon, target), "collapse_ratio": ratio, "latent_std": zstd,
+            "collapsed": float(collapsed), "images": image_grid([target, recon]),
+        }
+
+    return evaluate
+
+
+def run(
+    cfg: Config,
+    frames_path: Path | str,
+    out_dir: Path | str,
+    work_dir: Path | str,
+    *,
+    where: str = "tokenizer",
+    loader: LoaderConfig | None = None,
+    tracker=None,
+) -> dict:
+    """Train/build the tokenizer on ``frames_path``, measure it, save it to ``out_dir``.
+
+    ``work_dir`` holds the resumable training state (removed on success); ``where`` names the
+    params block in messages (``tokenizer.gameplay``); ``tracker`` is a StageRun or None.
+    """
+    store = EpisodeStore.open(frames_path)
+    frame_shape = tuple(store.array(FRAMES_KEY).shape[1:])
+    device = resolve_device(cfg.train.device)
+    lpips_fn, lpips_reason = lpips_or_reason(cfg.lpips_net, device)
+    if cfg.lpips_weight > 0 and lpips_fn is None:
+        raise ParamsError(
+            f"{where}.lpips_weight is {cfg.lpips_weight} but LPIPS is unavailable here: {lpips_reason}. "
+            f"Set {where}.lpips_weight: 0 in params.yaml, or run where LPIPS works."
+        )
+    train_ids, val_ids = split_episodes(store.n_episodes, cfg.eval.val_fraction, cfg.eval.split_seed)
+    if len(val_ids) == 0:
+        raise ValueError(f"{frames_path}: {store.n_episodes} episode(s) leave none held out; need at least 2")
+    window = encode_window(cfg)
+    held_out = held_out_windows(store, val_ids, window, cfg.eval.max_frames)
+    log.info("%s: %d train / %d held-out episodes, %d held-out frames", frames_path,
+             len(train_ids), len(val_ids), held_out.shape[0] * window)
+
+    # baselines: the mean training image and the quantize tokenizer
+    targets = to_images(pixels(torch.from_numpy(held_out)))
+    mean = mean_image(store, train_ids)
+    metrics: dict = {"psnr_mean_image": psnr(np.broadcast_to(mean, targets.shape), targets)}
+    quant = QuantizeTokenizer(QuantizeConfig(**model_config(cfg, "quantize", frame_shape)))
+    metrics["psnr_quantize"] = psnr(reconstruct(quant, held_out, cfg.eval.batch_size, device)[0], targets)
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_tokenizer(cfg.kind, **model_config(cfg, cfg.kind, frame_shape)).to(device)
+    guard = CollapseGuard(cfg.health.collapse_threshold, cfg.health.collapse_patience)
+    train_info: dict = {"train_steps": 0}
+    if cfg.kind != "quantize":
+        model, train_info = _train(cfg, model, store, train_ids, held_out, guard, device, work_dir, loader, tracker)
+
+    recon, target, zstd = reconstruct(model, held_out, cfg.eval.batch_size, device)
+    scores = quality(recon, target, lpips_fn, lpips_reason, device)
+    if cfg.kind == "quantize":
+        guard.update(scores["collapse_ratio"], 0)
+    metrics.update(scores)
+    metrics.update(
+        kind=cfg.kind,
+        latent_std=zstd,
+        collapsed=guard.collapsed,
+        collapse_first_step=guard.first_flagged_step,
+        psnr_gain_vs_mean_image=scores["psnr"] - metrics["psnr_mean_image"],
+        eval_frames=int(len(target)),
+        train_episodes=int(len(train_ids)),
+        val_episodes=int(len(val_ids)),
+        n_params=int(sum(p.numel() for p in model.parameters())),
+        **train_info,
+    )
+    if guard.collapsed:
+        log.error("%s: tokenizer COLLAPSED (collapse_ratio %.3f < %.3f): reconstructions barely depend on the input",
+                  where, scores["collapse_ratio"], cfg.health.collapse_threshold)
+    if tracker is not None:
+        tracker.log_image(image_grid([target[:: max(1, len(target) // 8)], recon[:: max(1, len(target) // 8)]]),
+                          "reconstructions/final.png")
+    save_tokenizer(model, cfg.kind, {
+        "latent_shape": list(model.latent_shape),
+        "latent_dtype": str(model.latent_dtype).removeprefix("torch."),
+        "encode_window": window,
+        "frame_shape": list(frame_shape),
+        "val_episodes": val_ids.tolist(),
+        "metrics": {k: v for k, v in metrics.items() if k not in TIMINGS},
+    }, Path(out_dir))
+    if cfg.kind != "quantize":
+        clear_checkpoint(work_dir)
+    return metrics
+
+
+def _train(cfg, model, store, train_ids, held_out, guard, device, work_dir, loader, tracker):
+    perceptual = None
+    if cfg.lpips_weight > 0:
+        perceptual, _ = lpips_or_reason(cfg.lpips_net, device)
+    window = encode_window(cfg)
+    stride = cfg.mae.stride if cfg.kind == "mae" else 1
+    dataset = WindowDataset([(store.path, FRAMES_KEY)], window, stride, train_ids, loader)
+    probe = held_out[: max(1, cfg.eval.probe_frames // window)]
+    config = {"params": cfg.model_dump(mode="json"), "data": data_fingerprint(store)}
+    train_cfg = cfg.train.model_copy(update={"batch_size": max(1, cfg.train.batch_size // window)})
+    t0 = time.perf_counter()
+    result = train(
+        model, _loss_fn(cfg, perceptual), step_batches(dataset, train_cfg, loader), train_cfg, Path(work_dir),
+        evaluate=_probe_fn(probe, cfg, guard, device), config=config, run=tracker, desc=f"tokenizer {cfg.kind}",
+    )
+    seconds = time.perf_counter() - t0
+    done = result.step - result.resumed_from
+    info = {
+        "train_steps": result.step,
+        "train_seconds": seconds,
+        "steps_per_s": done / seconds if seconds > 0 else 0.0,
+        "final_loss": result.history[-1]["loss"] if result.history else None,
+    }
+    if result.resumed_from:
+        info["resumed_from_step"] = result.resumed_from
+    return result.model, info
+
+
+def main(item: str | None = None) -> None:
+    cfg = load_section("tokenizer", Config, item=item)
+    loader = load_section("loader", LoaderConfig)
+    with stage_run("tokenizer", item, cfg) as r:
+        metrics = run(
+            cfg, Path(f"data/{item}/frames.zarr"), Path(f"data/{item}/tokenizer"),
+            Path(f"checkpoints/tokenizer-{item}"), where=f"tokenizer.{item}", loader=loader, tracker=r,
+        )
+        write_json(metrics_path("tokenizer", item), metrics)
+        r.log_metrics(metrics)
+
+
+if __name__ == "__main__":
+    run_stage(main, foreach=("mnist", "gameplay"))
