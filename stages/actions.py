@@ -151,22 +151,23 @@ def run_mnist(cfg: MnistActionsConfig, src: Path, out: Path, store_cfg: StoreCon
         raise ValueError(f"actions.mnist.method = truth, but {src} has no true positions (data/positions)")
     size = int(store.attrs.get("digit_size", 28))
     frames = store.array("frames")
+    positions = store.array("positions") if has_pos else None
     h, w = frames.shape[1:3]
-    if has_pos and cfg.tracked_digit >= store.array("positions").shape[1]:
+    if positions is not None and cfg.tracked_digit >= positions.shape[1]:
         raise ValueError(
-            f"actions.mnist.tracked_digit = {cfg.tracked_digit}, but {src} has "
-            f"{store.array('positions').shape[1]} digits per frame"
+            f"actions.mnist.tracked_digit = {cfg.tracked_digit}, but {src} has {positions.shape[1]} digits per frame"
         )
     actions, valid, errors = [], [], []
     batches = list(_episode_batches(store, 256))
     for first, n, t in tqdm(batches, desc="actions@mnist", unit="batch"):
         sl = slice(int(store.episode_starts[first]), int(store.episode_starts[first]) + n * t)
         gray = motion.to_gray(frames[sl]).reshape(n, t, h, w)
-        pos = store.array("positions")[sl].reshape(n, t, -1, 2) if has_pos else None
+        pos = positions[sl].reshape(n, t, -1, 2) if has_pos else None
         start, templates = _start_boxes(gray, pos, cfg.tracked_digit, size)
         tracked = np.diff(motion.track_templates(gray, start, templates, search=cfg.tracker_search), axis=1)
-        true = np.diff(pos[:, :, cfg.tracked_digit].astype(np.float64), axis=1) if has_pos else None
+        true = None
         if has_pos:
+            true = np.diff(pos[:, :, cfg.tracked_digit].astype(np.float64), axis=1)
             errors.append(np.abs(tracked - true))
         for k in range(n):
             actions.append(transition_actions(true[k] if method == "truth" else tracked[k], w, h))
@@ -269,7 +270,8 @@ def main(item: str) -> None:
         start = time.perf_counter()
         metrics = run(item, cfg, frames_path(item), actions_path(item), store_cfg)
         seconds = time.perf_counter() - start
-        log.info("actions@%s: %s in %.1f s", item, {k: metrics.get(k) for k in ("accuracy", "ambiguous", "tracker_mae")}, seconds)
+        summary = {k: metrics.get(k) for k in ("accuracy", "ambiguous", "tracker_mae")}
+        log.info("actions@%s: %s in %.1f s", item, summary, seconds)
         write_json(metrics_path("actions", item), metrics)
         r.log_metrics({**metrics, "seconds": seconds})
 

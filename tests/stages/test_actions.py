@@ -19,7 +19,7 @@ from stages import actions
 from stages.actions import GameplayActionsConfig, MnistActionsConfig, run_gameplay, run_mnist
 from stages.mnist_digits import bundled_digits
 from stages.moving_mnist import Config as MovingConfig
-from stages.moving_mnist import generate_sequences
+from stages.moving_mnist import generate_sequences, paste_max
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL_STORE = StoreConfig(chunk_frames=16, shard_chunks=2)
@@ -84,17 +84,20 @@ def test_mnist_without_positions_tracks_the_largest_blob(tmp_path):
     digits, _ = bundled_digits()
     t = 8
     frames = np.zeros((1, t, 64, 64), np.uint8)
-    big, small = digits[0], digits[1] // 2  # a dim digit with fewer bright pixels
-    small = np.where(np.arange(28)[:, None] < 14, small, 0).astype(np.uint8)
+    big = digits[0]
+    small = np.where(np.arange(28)[:, None] < 14, digits[1], 0).astype(np.uint8)  # half a digit
     for k in range(t):
-        np.maximum(frames[0, k, 2 + 3 * k : 30 + 3 * k, 4 : 32], big, out=frames[0, k, 2 + 3 * k : 30 + 3 * k, 4:32])
-        np.maximum(frames[0, k, 30:58, 34 - 2 * k : 62 - 2 * k], small, out=frames[0, k, 30:58, 34 - 2 * k : 62 - 2 * k])
+        paste_max(frames[0, k], big, 4, 2 + 3 * k)  # the largest blob: moves down 3 px per frame
+        paste_max(frames[0, k], small, 34 - 2 * k, 30)
     src = mnist_store(tmp_path / "frames.zarr", frames, None)
     metrics = run_mnist(MnistActionsConfig(), src, tmp_path / "actions.zarr", SMALL_STORE)
     assert metrics["method"] == "tracker"
     assert metrics["tracker_mae"] is None and metrics["accuracy"] is None
     acts = EpisodeStore.open(tmp_path / "actions.zarr").array("actions")[:]
     np.testing.assert_allclose(acts[:-1], np.tile([0.0, 3 / 32], (t - 1, 1)))
+    run_mnist(MnistActionsConfig(tracked_digit=1), src, tmp_path / "a1.zarr", SMALL_STORE)
+    acts = EpisodeStore.open(tmp_path / "a1.zarr").array("actions")[:]
+    np.testing.assert_allclose(acts[:-1], np.tile([-2 / 32, 0.0], (t - 1, 1)))  # the second largest
     with pytest.raises(ValueError, match="actions.mnist.method = truth.*no true positions"):
         run_mnist(MnistActionsConfig(method="truth"), src, tmp_path / "a2.zarr", SMALL_STORE)
 
@@ -298,9 +301,22 @@ def test_main_writes_the_store_and_the_metrics(tmp_path, monkeypatch, mnist_sequ
     metrics = json.loads(Path("metrics/actions-mnist.json").read_text())
     assert metrics["method"] == "truth" and metrics["transitions"] == 4 * 9
     assert {"tracker_mae", "tracker_mae_px", "action_std", "action_min", "action_max", "accuracy"} <= set(metrics)
-    first = Path("data/mnist/actions.zarr")
-    assert EpisodeStore.open(first).n_episodes == 4
-    snapshot = {p.relative_to(first): p.read_bytes() for p in sorted(first.rglob("*")) if p.is_file()}
-    actions.main("mnist")  # same params, same bytes
-    again = {p.relative_to(first): p.read_bytes() for p in sorted(first.rglob("*")) if p.is_file()}
-    assert again == snapshot
+    assert EpisodeStore.open("data/mnist/actions.zarr").n_episodes == 4
+
+
+def store_bytes(path: Path) -> dict:
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_same_params_give_identical_stores(tmp_path, mnist_sequences, crafter_episodes):
+    frames, positions = mnist_sequences
+    src = mnist_store(tmp_path / "mnist.zarr", frames[:6], positions[:6])
+    cfg = MnistActionsConfig(method="tracker")
+    run_mnist(cfg, src, tmp_path / "m1.zarr", SMALL_STORE)
+    run_mnist(cfg, src, tmp_path / "m2.zarr", SMALL_STORE)
+    assert store_bytes(tmp_path / "m1.zarr") == store_bytes(tmp_path / "m2.zarr")
+    f, p, _ = crafter_episodes[0]
+    src = gameplay_store(tmp_path / "gameplay.zarr", [(resize_frames(f[:20], 64), p[:20])])
+    run_gameplay(GameplayActionsConfig(), src, tmp_path / "g1.zarr", SMALL_STORE)
+    run_gameplay(GameplayActionsConfig(), src, tmp_path / "g2.zarr", SMALL_STORE)
+    assert store_bytes(tmp_path / "g1.zarr") == store_bytes(tmp_path / "g2.zarr")
