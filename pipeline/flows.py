@@ -1,7 +1,7 @@
 """Per-item work as a Prefect flow: one task per item on a thread pool, with retries.
 
 Prefect 3 runs flows against an API; without ``PREFECT_API_URL`` it starts a temporary local
-server for the process (about 10 s on 2 busy cores; later flows of the process reuse it). The
+server for the process (8-17 s on 2 busy cores; later flows of the process reuse it). The
 defaults below are set before Prefect is imported: a longer start-up timeout than Prefect's 20 s
 for busy machines, and no usage telemetry (stages run offline).
 """

@@ -30,11 +30,11 @@ class StoreConfig(StrictModel):
 
     chunk_frames: int = Field(64, gt=0, description="frames per chunk along time")
     shard_chunks: int = Field(32, gt=0, description="chunks per shard file along time")
-    clevel: int = Field(5, ge=0, le=9, description="Blosc zstd level")
+    clevel: int = Field(3, ge=0, le=9, description="Blosc zstd level")
 
 
 def _compressor(cfg: StoreConfig) -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=cfg.clevel, shuffle="bitshuffle")
+    return BloscCodec(cname="zstd", clevel=cfg.clevel, shuffle="shuffle")
 
 
 def _tmp_path(path: Path) -> Path:

@@ -15,7 +15,6 @@ have seen and its loss curve continues.
 from __future__ import annotations
 
 import copy
-import io
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ from pydantic import Field
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from pipeline.checkpoint import load_torch, save_torch
 from pipeline.config import StrictModel
 from pipeline.reader import LoaderConfig, make_loader
 from pipeline.store import write_json
@@ -153,24 +153,9 @@ def step_batches(dataset: Dataset, cfg: TrainConfig, loader: LoaderConfig | None
 # -- checkpoints -------------------------------------------------------------------------------
 
 
-def save_torch(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` atomically, with byte-identical output for identical input."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
-
-
-def load_torch(path: Path, map_location: str | torch.device = "cpu") -> Any:
-    """Load a file written by ``save_torch``: plain tensors and containers only (weights_only)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _config_key(config: Any) -> str:
-    """The config as canonical JSON: a checkpoint resumes only a run of the same config."""
-    return json.dumps(config, sort_keys=True, default=str)
+def _config_key(cfg: TrainConfig, config: Any) -> str:
+    """Canonical JSON of the run: a checkpoint resumes only a run of the same configs."""
+    return json.dumps({"train": cfg.model_dump(mode="json"), "run": config}, sort_keys=True, default=str)
 
 
 @dataclass
@@ -205,7 +190,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.model = model.to(self.device)
         self.ckpt_dir = Path(ckpt_dir)
-        self.config_key = _config_key(config)
+        self.config_key = _config_key(cfg, config)
         self.config = config
         self.run = run
         decay, no_decay = [], []
@@ -331,7 +316,8 @@ def train(
     - ``batches(start_step)``: the batches of steps ``start_step ..`` in order (``step_batches``).
     - ``evaluate(model, step) -> dict``: scalar metrics, plus optionally ``images`` (an
       (H, W, 3) uint8 grid logged to MLflow); run every ``eval_every`` steps and at the end.
-    - ``config``: JSON-able description of the run; a checkpoint resumes only the same config.
+    - ``config``: JSON-able description of the run (model, data); a checkpoint resumes only a run
+      with the same ``config`` and ``cfg``.
     - ``run``: a ``StageRun`` (MLflow) or None.
     - ``stop_after``: stop after this many steps of this session without saving (as if killed);
       for tests of resumption.

@@ -431,7 +431,7 @@ def run(cfg: Config, out_dir: Path = VIDEOS_DIR) -> dict:
         "videos_ok": len(ok),
         "videos_failed": len(rows) - len(ok),
         "bytes": int(sum(int(r["bytes"]) for r in ok)),
-        "duration_s": float(sum(float(r["duration"] or 0) for r in ok)),
+        "duration_s": round(sum(float(r["duration"] or 0) for r in ok), 3),
         "elapsed_s": round(time.perf_counter() - start, 3),
     }
 

@@ -24,6 +24,7 @@ import torch
 from pydantic import Field
 
 from models.tokenizers import Tokenizer, pixels
+from pipeline.checkpoint import load_tokenizer, read_tokenizer_meta
 from pipeline.cli import run_stage
 from pipeline.config import StrictModel, load_section
 from pipeline.paths import metrics_path
@@ -31,10 +32,10 @@ from pipeline.reader import iter_batches
 from pipeline.store import EpisodeStore, EpisodeStoreWriter, StoreConfig, write_json
 from pipeline.tracking import stage_run
 from pipeline.train import resolve_device
-from stages.tokenizer import FRAMES_KEY, load_tokenizer, read_tokenizer_meta
 
 log = logging.getLogger(__name__)
 
+FRAMES_KEY = "frames"
 LATENTS_KEY = "latents"
 
 

@@ -14,16 +14,14 @@ every evaluation; ``collapsed`` is true when the ratio stayed below ``health.col
 for ``health.collapse_patience`` evaluations in a row.
 
 Output ``data/<dataset>/tokenizer/``: ``model.pt`` (the state dict, EMA weights when EMA is on)
-and ``tokenizer.json`` (kind, model config, latent shape and dtype, metrics); ``load_tokenizer``
-reads it back.
+and ``tokenizer.json`` (kind, model config, latent shape and dtype, metrics), written and read
+back by ``pipeline.checkpoint`` (``load_tokenizer``).
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -33,7 +31,6 @@ import torch
 from pydantic import Field
 
 from models.tokenizers import (
-    KINDS,
     QuantizeConfig,
     QuantizeTokenizer,
     Tokenizer,
@@ -42,6 +39,7 @@ from models.tokenizers import (
     pixels,
     reconstruction_loss,
 )
+from pipeline.checkpoint import save_tokenizer
 from pipeline.cli import run_stage
 from pipeline.config import ParamsError, StrictModel, load_section
 from pipeline.image_metrics import (
@@ -58,15 +56,13 @@ from pipeline.image_metrics import (
 )
 from pipeline.paths import metrics_path
 from pipeline.reader import LoaderConfig, WindowDataset, iter_batches, split_episodes, window_index
-from pipeline.store import EpisodeStore, clean_stale, replace_dir, write_json
+from pipeline.store import EpisodeStore, write_json
 from pipeline.tracking import stage_run
-from pipeline.train import TrainConfig, clear_checkpoint, load_torch, resolve_device, save_torch, step_batches, train
+from pipeline.train import TrainConfig, clear_checkpoint, resolve_device, step_batches, train
 
 log = logging.getLogger(__name__)
 
 FRAMES_KEY = "frames"
-MODEL_FILE = "model.pt"
-META_FILE = "tokenizer.json"
 TIMINGS = ("train_seconds", "steps_per_s")  # left out of tokenizer.json, which is byte-reproducible
 
 
@@ -124,7 +120,7 @@ class Config(StrictModel):
     health: HealthParams = HealthParams()
 
 
-# -- building and loading ----------------------------------------------------------------------
+# -- building ----------------------------------------------------------------------
 
 
 def model_config(cfg: Config, kind: str, frame_shape: tuple[int, ...]) -> dict:
@@ -144,37 +140,6 @@ def model_config(cfg: Config, kind: str, frame_shape: tuple[int, ...]) -> dict:
 def encode_window(cfg: Config) -> int:
     """Frames a tokenizer sees at once: the MAE window (block-causal over time), else 1."""
     return cfg.mae.window if cfg.kind == "mae" else 1
-
-
-def save_tokenizer(model: Tokenizer, kind: str, meta: dict, out_dir: Path) -> None:
-    """Write ``model.pt`` and ``tokenizer.json`` to a temporary sibling, then rename into place."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-build")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_torch(state, tmp / MODEL_FILE)
-    write_json(tmp / META_FILE, {"kind": kind, "config": dataclasses.asdict(model.cfg), **meta})
-    replace_dir(tmp, out_dir)
-
-
-def read_tokenizer_meta(path: Path | str) -> dict:
-    meta_path = Path(path) / META_FILE
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path}: no tokenizer here; run `dvc repro tokenizer@<dataset>` first")
-    return json.loads(meta_path.read_text())
-
-
-def load_tokenizer(path: Path | str, device: str | torch.device = "cpu") -> Tokenizer:
-    """The tokenizer saved in ``path`` (a ``data/<dataset>/tokenizer`` directory), in eval mode."""
-    meta = read_tokenizer_meta(path)
-    if meta.get("kind") not in KINDS:
-        raise ValueError(f"{Path(path) / META_FILE}: unknown tokenizer kind {meta.get('kind')!r}")
-    model = build_tokenizer(meta["kind"], **meta["config"])
-    model.load_state_dict(load_torch(Path(path) / MODEL_FILE))
-    return model.to(device).eval()
 
 
 # -- data --------------------------------------------------------------------------------------

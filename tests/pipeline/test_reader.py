@@ -157,6 +157,10 @@ def test_bad_sources_are_named(stores, tmp_path):
         WindowDataset([(root / "frames.zarr", "frames")], window=30)
     with pytest.raises(FileNotFoundError, match="nowhere.zarr"):
         WindowDataset([(tmp_path / "nowhere.zarr", "frames")], window=2)
+    with pytest.raises(ValueError, match="'frames' given twice"):
+        WindowDataset([(root / "frames.zarr", "frames"), (other, "frames")], window=2)
+    with pytest.raises(ValueError, match=r"\(store path, key\) pair"):
+        WindowDataset([str(root / "frames.zarr")], window=2)
 
 
 @pytest.mark.parametrize("budget_mb", [2048, 0], ids=["in-memory", "chunk-cache"])

@@ -22,7 +22,6 @@ from pipeline.train import (
     STATE_JSON,
     TrainConfig,
     lr_at,
-    save_torch,
     step_batches,
     train,
 )
@@ -174,17 +173,6 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
 
     with pytest.raises(FloatingPointError, match="loss is nan at step 0"):
         fit(tmp_path / "n", cfg(), loss_fn=nan_loss)
-
-
-def test_save_torch_is_byte_reproducible_and_weights_only(tmp_path):
-    torch.manual_seed(0)
-    state = {"model": nn.Linear(3, 2).state_dict(), "step": 3, "history": [{"loss": 0.5}]}
-    save_torch(state, tmp_path / "a.pt")
-    save_torch(state, tmp_path / "b.pt")
-    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
-    back = torch.load(tmp_path / "a.pt", weights_only=True)
-    assert back["step"] == 3 and torch.equal(back["model"]["weight"], state["model"]["weight"])
-    assert not list(tmp_path.glob(".*tmp*"))
 
 
 def test_metrics_and_image_grids_go_to_mlflow(tmp_path, monkeypatch):

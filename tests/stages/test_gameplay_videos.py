@@ -46,7 +46,7 @@ def test_agent_holds_actions():
 
 def test_camera_moves_with_the_player():
     """After a move_right that succeeded, x grows by 1 and the world shifts left by one tile."""
-    cfg = CrafterConfig(steps=120, size=72, move_prob=1.0, seed=3)
+    cfg = CrafterConfig(steps=60, size=72, move_prob=1.0, seed=3)
     frames, truth = gv.record_episode(cfg, 0)
     pos, unit = np.asarray(truth["player_pos"]), truth["unit"]
     world = frames[:, : 7 * unit].astype(int)  # the 9x7 local view, without the inventory
@@ -91,27 +91,22 @@ def test_world_objects_are_iterated_in_insertion_order():
         assert order == sorted(order)
 
 
-def test_main_records_crafter_episodes(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    params = {"gameplay_videos": {"crafter": {"episodes": 2, "steps": 12}}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    stale = tmp_path / "data/gameplay/videos/old-video.mp4"
-    stale.parent.mkdir(parents=True)
-    stale.write_bytes(b"from another params list")
-    gv.main()
-    videos = tmp_path / "data/gameplay/videos"
+def test_run_records_crafter_episodes_and_removes_stale_files(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "old-video.mp4").write_bytes(b"from another params list")
+    cfg = Config.model_validate({"crafter": {"episodes": 2, "steps": 8}})
+    metrics = gv.run(cfg, videos)
     assert sorted(p.name for p in videos.iterdir()) == [
         "crafter_000.mp4", "crafter_000.truth.json", "crafter_001.mp4", "crafter_001.truth.json", MANIFEST,
     ]
     rows = read_manifest(videos / MANIFEST)
     assert [(r["name"], r["status"], r["frames"]) for r in rows] == [
-        ("crafter_000", "ok", "13"), ("crafter_001", "ok", "13"),
+        ("crafter_000", "ok", "9"), ("crafter_001", "ok", "9"),
     ]
-    metrics = json.loads((tmp_path / "metrics/gameplay_videos.json").read_text())
     assert metrics["videos_ok"] == 2 and metrics["videos_failed"] == 0
     assert metrics["bytes"] == sum(int(r["bytes"]) for r in rows)
-    assert metrics["duration_s"] == pytest.approx(2 * 1.3)
+    assert metrics["duration_s"] == pytest.approx(2 * 0.9)
 
 
 def urls_config(urls: list[str], **over) -> Config:

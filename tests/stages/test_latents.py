@@ -9,9 +9,9 @@ import torch
 import yaml
 
 from models.tokenizers import build_tokenizer, pixels
+from pipeline.checkpoint import save_tokenizer
 from pipeline.store import EpisodeStore, StoreConfig, write_episode_store
 from stages import latents as stage
-from stages.tokenizer import save_tokenizer
 
 LENGTHS = [5, 12, 3, 9]
 TINY_STORE = StoreConfig(chunk_frames=4, shard_chunks=2, clevel=1)

@@ -9,13 +9,13 @@ import pytest
 import torch
 import yaml
 
+from pipeline.checkpoint import load_tokenizer, load_torch, read_tokenizer_meta
 from pipeline.config import ParamsError
 from pipeline.image_metrics import lpips_or_reason
 from pipeline.reader import LoaderConfig
 from pipeline.store import StoreConfig, write_episode_store
-from pipeline.train import load_torch
 from stages import tokenizer as stage
-from stages.tokenizer import Config, load_tokenizer, read_tokenizer_meta
+from stages.tokenizer import Config
 
 TINY_STORE = StoreConfig(chunk_frames=4, shard_chunks=2, clevel=1)
 NO_WORKERS = LoaderConfig(num_workers=0)
