@@ -7,7 +7,13 @@ levels); ``make_video`` writes them (or given frames) to an H.264 MP4.
 """
 from __future__ import annotations
 
-import functools
+import os
+
+# Prefect's INFO log of its temporary server stopping, at interpreter exit, hits pytest's closed
+# stdout ("Logging error"): keep Prefect to warnings before any test imports it.
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import functools  # noqa: E402
 import threading
 from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
