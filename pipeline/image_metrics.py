@@ -127,7 +127,7 @@ class CollapseGuard:
     evaluations: int = 0
     first_flagged_step: int | None = None
 
-    def update(self, ratio: float, step: int) -> bool:
+    def update(self, ratio: float, step: int, warn: bool = True) -> bool:
         """Record one evaluation; True (and a loud warning) once the streak reaches ``patience``."""
         self.evaluations += 1
         self.streak = self.streak + 1 if ratio < self.threshold else 0
@@ -135,12 +135,21 @@ class CollapseGuard:
         if flagged:
             if self.first_flagged_step is None:
                 self.first_flagged_step = step
+        if flagged and warn:
             log.warning(
                 "COLLAPSE at step %d: reconstructions vary %.3f as much as their inputs (threshold %.3f) "
                 "for %d evaluations in a row: the tokenizer outputs nearly the same image for every input",
                 step, ratio, self.threshold, self.streak,
             )
         return flagged
+
+    @classmethod
+    def replay(cls, threshold: float, patience: int, evaluations: list[tuple[int, float]]) -> "CollapseGuard":
+        """The guard's state after ``(step, ratio)`` evaluations (e.g. those of a resumed run), quietly."""
+        guard = cls(threshold, patience)
+        for step, ratio in evaluations:
+            guard.update(ratio, step, warn=False)
+        return guard
 
     @property
     def collapsed(self) -> bool:

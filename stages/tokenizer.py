@@ -102,7 +102,7 @@ class EvalParams(StrictModel):
 
 
 class HealthParams(StrictModel):
-    collapse_threshold: float = Field(0.3, gt=0, lt=1, description="reconstruction/input spread below which a run looks collapsed")
+    collapse_threshold: float = Field(0.2, gt=0, lt=1, description="reconstruction/input spread below which a run looks collapsed")
     collapse_patience: int = Field(3, gt=0, description="evaluations in a row below the threshold that flag collapse")
 
 
@@ -120,7 +120,7 @@ class Config(StrictModel):
     health: HealthParams = HealthParams()
 
 
-# -- building ----------------------------------------------------------------------
+# -- building --------------------------------------------------------------------------------
 
 
 def model_config(cfg: Config, kind: str, frame_shape: tuple[int, ...]) -> dict:
@@ -280,7 +280,11 @@ def run(
     guard = CollapseGuard(cfg.health.collapse_threshold, cfg.health.collapse_patience)
     train_info: dict = {"train_steps": 0}
     if cfg.kind != "quantize":
-        model, train_info = _train(cfg, model, store, train_ids, held_out, guard, device, work_dir, loader, tracker)
+        model, train_info, evals = _train(cfg, model, store, train_ids, held_out, guard, device, work_dir, loader,
+                                          tracker)
+        # the verdict on every evaluation of the run, including those before a resumption
+        guard = CollapseGuard.replay(guard.threshold, guard.patience,
+                                     [(row["step"], row["collapse_ratio"]) for row in evals])
 
     recon, target, zstd = reconstruct(model, held_out, cfg.eval.batch_size, device)
     scores = quality(recon, target, lpips_fn, lpips_reason, device)
@@ -343,7 +347,7 @@ def _train(cfg, model, store, train_ids, held_out, guard, device, work_dir, load
     }
     if result.resumed_from:
         info["resumed_from_step"] = result.resumed_from
-    return result.model, info
+    return result.model, info, result.evals
 
 
 def main(item: str | None = None) -> None:

@@ -116,6 +116,18 @@ def test_guard_needs_a_streak_and_judges_short_runs_on_all_evaluations():
     assert one.collapsed
 
 
+def test_replay_gives_the_state_of_the_live_guard(caplog):
+    evals = [(100, 0.1), (200, 0.5), (300, 0.1), (400, 0.1), (500, 0.15)]
+    live = CollapseGuard(0.3, 3)
+    for step, ratio in evals:
+        live.update(ratio, step)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.image_metrics"):
+        replayed = CollapseGuard.replay(0.3, 3, evals)
+    assert replayed == live and replayed.collapsed and replayed.first_flagged_step == 500
+    assert caplog.text == ""  # quiet: the live guard already warned
+
+
 def test_spread_of_tensors_and_arrays_agree():
     x = images(8)
     assert spread(torch.from_numpy(x)) == pytest.approx(spread(x), rel=1e-5)
