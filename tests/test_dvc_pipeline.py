@@ -25,8 +25,11 @@ SHRINK = {
     "loader": {"num_workers": 0},
     "moving_mnist": {"num_sequences": 6, "seq_len": 10},
     "gameplay_videos": {"crafter": {"episodes": 2, "steps": 40}},
+    "tokenizer": {"mnist": {"eval": {"max_frames": 32, "probe_frames": 16, "batch_size": 16}}},
+    "latents": {"batch_frames": 32},
 }
 DATA_STAGES = ["mnist_digits", "moving_mnist", "gameplay_videos", "gameplay_frames", "actions@mnist", "actions@gameplay"]
+STAGES = [*DATA_STAGES, "tokenizer@mnist", "latents@mnist"]
 
 
 def deep_update(base: dict, upd: dict) -> dict:
@@ -93,25 +96,26 @@ def repo(tmp_path_factory) -> tuple[Path, dict]:
 @pytest.fixture(scope="module")
 def first_repro(repo):
     path, env = repo
-    proc = run(["dvc", "repro", *DATA_STAGES], path, env)
+    proc = run(["dvc", "repro", *STAGES], path, env)
     return proc
 
 
 def test_repro_builds_data_stages(repo, first_repro):
     path, env = repo
-    assert set(DATA_STAGES) <= set(ran_stages(first_repro.stdout)), first_repro.stdout
+    assert set(STAGES) <= set(ran_stages(first_repro.stdout)), first_repro.stdout
     for out in ["data/mnist/digits.zarr", "data/mnist/frames.zarr", "data/gameplay/frames.zarr",
-                "data/mnist/actions.zarr", "data/gameplay/actions.zarr"]:
+                "data/mnist/actions.zarr", "data/gameplay/actions.zarr", "data/mnist/latents.zarr"]:
         assert (path / out / "zarr.json").exists(), out
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], path, env).stdout)
     flat = json.dumps(metrics)
-    for key in ("accuracy", "ambiguous", "tracker_mae", "videos_ok", "videos_failed", "frames", "episodes"):
+    for key in ("accuracy", "ambiguous", "tracker_mae", "videos_ok", "videos_failed", "frames", "episodes",
+                "psnr", "ssim", "psnr_mean_image", "collapsed", "frames_per_s"):
         assert f'"{key}"' in flat, f"metric {key} missing from dvc metrics show"
 
 
 def test_noop_repro_runs_nothing(repo, first_repro):
     path, env = repo
-    proc = run(["dvc", "repro", *DATA_STAGES], path, env)
+    proc = run(["dvc", "repro", *STAGES], path, env)
     assert ran_stages(proc.stdout) == [], proc.stdout
 
 
@@ -121,7 +125,7 @@ def test_param_change_reruns_only_that_stage(repo, first_repro):
     params["actions"]["gameplay"]["move_threshold"] = 0.45  # a value never run before
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = (path / "data/gameplay/actions.zarr/zarr.json").stat().st_mtime_ns
-    proc = run(["dvc", "repro", *DATA_STAGES], path, env)
+    proc = run(["dvc", "repro", *STAGES], path, env)
     assert ran_stages(proc.stdout) == ["actions@gameplay"], proc.stdout
     assert "run-cache" not in proc.stdout
     assert (path / "data/gameplay/actions.zarr/zarr.json").stat().st_mtime_ns != before, "stage really reran"
