@@ -37,7 +37,8 @@ class QuantizeConfig:
 
 
 class QuantizeTokenizer(nn.Module):
-    """Resize to ``size``, grayscale, ``levels`` uniform levels. No parameters, no training."""
+    """Resize to ``size`` (area averaging), grayscale, round to ``levels`` evenly spaced gray levels
+    from black to white. No parameters, no training."""
 
     def __init__(self, cfg: QuantizeConfig):
         super().__init__()
@@ -65,12 +66,12 @@ class QuantizeTokenizer(nn.Module):
         if x.shape[1] == 3:
             x = (x * x.new_tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
         x = F.interpolate(x, size=(self.cfg.size, self.cfg.size), mode="area")
-        ids = (x.clamp(0, 1) * self.cfg.levels).floor().clamp(max=self.cfg.levels - 1)
+        ids = (x.clamp(0, 1) * (self.cfg.levels - 1)).round()
         return ids.to(torch.uint8).view(b, t, self.cfg.size, self.cfg.size)
 
     def dequantize(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (MASK excluded) to gray levels in [0, 1] at the token resolution."""
-        return (ids.float() + 0.5) / self.cfg.levels
+        """Token ids (MASK excluded) to gray levels at the token resolution: 0 is black, levels-1 white."""
+        return ids.float() / (self.cfg.levels - 1)
 
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         b, t = ids.shape[:2]

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 
 FRAMES_KEY = "frames"
 LATENTS_KEY = "latents"
+T = TypeVar("T")
+_DONE = object()
 
 
 class Config(StrictModel):
@@ -52,6 +57,16 @@ def window_bounds(episode_ends: np.ndarray, window: int) -> np.ndarray:
     starts = np.concatenate([[0], episode_ends[:-1]])
     cuts = [np.arange(s, e, window) for s, e in zip(starts, episode_ends)]
     return np.unique(np.concatenate([*cuts, episode_ends]))
+
+
+def prefetch(items: Iterator[T]) -> Iterator[T]:
+    """``items`` with the next one read in a background thread meanwhile (zarr decompression
+    releases the GIL, so reading overlaps encoding)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(next, items, _DONE)
+        while (item := pending.result()) is not _DONE:
+            pending = pool.submit(next, items, _DONE)
+            yield item
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
@@ -107,7 +122,7 @@ def run(cfg: Config, frames_path: Path | str, tokenizer_dir: Path | str, out_pat
     with EpisodeStoreWriter(out_path, store_cfg, attrs) as writer:
         episodes = _Episodes(writer, store.episode_ends)
         carry = np.empty((0, *frames_arr.shape[1:]), dtype=frames_arr.dtype)
-        for start, frames in iter_batches(frames_path, FRAMES_KEY, batch, progress=True):
+        for start, frames in prefetch(iter_batches(frames_path, FRAMES_KEY, batch, progress=True)):
             frames = np.concatenate([carry, frames]) if len(carry) else frames
             first = start - len(carry)
             last = start + len(frames) - len(carry)

@@ -76,6 +76,7 @@ class CNNParams(StrictModel):
     latent_channels: int = Field(8, gt=0)
     width: int = Field(32, gt=0, description="channels after the first downsampling")
     blocks: int = Field(2, ge=0, description="residual blocks at the latent resolution")
+    train: TrainConfig = TrainConfig(steps=600, lr=2e-3, warmup_steps=50, eval_every=100, ckpt_every=100)
 
 
 class MAEParams(StrictModel):
@@ -91,6 +92,8 @@ class MAEParams(StrictModel):
     stride: int = Field(2, gt=0, description="frames between training windows")
     mask_ratio_max: float = Field(0.5, ge=0, lt=1, description="MAE: per-frame mask ratio ~ U(0, max)")
     mask_warmup_steps: int = Field(500, ge=0, description="curriculum: max ratio ramps from 0 over these steps")
+    train: TrainConfig = TrainConfig(steps=1500, lr=1e-3, warmup_steps=50, eval_every=250, ckpt_every=250,
+                                     ema_decay=0.995)
 
 
 class EvalParams(StrictModel):
@@ -115,7 +118,6 @@ class Config(StrictModel):
     quantize: QuantizeParams = QuantizeParams()
     cnn: CNNParams = CNNParams()
     mae: MAEParams = MAEParams()
-    train: TrainConfig = TrainConfig()
     eval: EvalParams = EvalParams()
     health: HealthParams = HealthParams()
 
@@ -132,14 +134,22 @@ def model_config(cfg: Config, kind: str, frame_shape: tuple[int, ...]) -> dict:
     if kind == "quantize":
         return {**base, **cfg.quantize.model_dump()}
     if kind == "cnn":
-        return {**base, **cfg.cnn.model_dump()}
-    mae = cfg.mae.model_dump(exclude={"window", "stride", "mask_ratio_max", "mask_warmup_steps"})
+        return {**base, **cfg.cnn.model_dump(exclude={"train"})}
+    mae = cfg.mae.model_dump(exclude={"window", "stride", "mask_ratio_max", "mask_warmup_steps", "train"})
     return {**base, **mae, "max_frames": cfg.mae.window}
 
 
 def encode_window(cfg: Config) -> int:
     """Frames a tokenizer sees at once: the MAE window (block-causal over time), else 1."""
     return cfg.mae.window if cfg.kind == "mae" else 1
+
+
+def train_config(cfg: Config) -> TrainConfig | None:
+    """The chosen kind's training block (None for ``quantize``), its batch counted in windows."""
+    if cfg.kind == "quantize":
+        return None
+    tc = getattr(cfg, cfg.kind).train
+    return tc.model_copy(update={"batch_size": max(1, tc.batch_size // encode_window(cfg))})
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -253,7 +263,8 @@ def run(
     """
     store = EpisodeStore.open(frames_path)
     frame_shape = tuple(store.array(FRAMES_KEY).shape[1:])
-    device = resolve_device(cfg.train.device)
+    train_cfg = train_config(cfg)
+    device = resolve_device(train_cfg.device if train_cfg else "auto")
     lpips_fn, lpips_reason = lpips_or_reason(cfg.lpips_net, device)
     if cfg.lpips_weight > 0 and lpips_fn is None:
         raise ParamsError(
@@ -275,13 +286,16 @@ def run(
     quant = QuantizeTokenizer(QuantizeConfig(**model_config(cfg, "quantize", frame_shape)))
     metrics["psnr_quantize"] = psnr(reconstruct(quant, held_out, cfg.eval.batch_size, device)[0], targets)
 
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(train_cfg.seed if train_cfg else 0)
     model = build_tokenizer(cfg.kind, **model_config(cfg, cfg.kind, frame_shape)).to(device)
     guard = CollapseGuard(cfg.health.collapse_threshold, cfg.health.collapse_patience)
     train_info: dict = {"train_steps": 0}
-    if cfg.kind != "quantize":
-        model, train_info, evals = _train(cfg, model, store, train_ids, held_out, guard, device, work_dir, loader,
-                                          tracker)
+    if train_cfg is not None:
+        model, train_info, evals = _train(
+            cfg, train_cfg, model, store, train_ids, probe=held_out[: max(1, cfg.eval.probe_frames // window)],
+            perceptual=lpips_fn if cfg.lpips_weight > 0 else None, guard=guard, device=device,
+            work_dir=work_dir, loader=loader, tracker=tracker,
+        )
         # the verdict on every evaluation of the run, including those before a resumption
         guard = CollapseGuard.replay(guard.threshold, guard.patience,
                                      [(row["step"], row["collapse_ratio"]) for row in evals])
@@ -317,21 +331,19 @@ def run(
         "val_episodes": val_ids.tolist(),
         "metrics": {k: v for k, v in metrics.items() if k not in TIMINGS},
     }, Path(out_dir))
-    if cfg.kind != "quantize":
+    if train_cfg is not None:
         clear_checkpoint(work_dir)
     return metrics
 
 
-def _train(cfg, model, store, train_ids, held_out, guard, device, work_dir, loader, tracker):
-    perceptual = None
-    if cfg.lpips_weight > 0:
-        perceptual, _ = lpips_or_reason(cfg.lpips_net, device)
+def _train(cfg: Config, train_cfg: TrainConfig, model: Tokenizer, store: EpisodeStore, train_ids: np.ndarray, *,
+           probe: np.ndarray, perceptual: Distance | None, guard: CollapseGuard, device: torch.device,
+           work_dir: Path | str, loader: LoaderConfig | None, tracker) -> tuple[Tokenizer, dict, list[dict]]:
+    """Train with the shared loop on windows of the training episodes; returns (model, info, evals)."""
     window = encode_window(cfg)
     stride = cfg.mae.stride if cfg.kind == "mae" else 1
     dataset = WindowDataset([(store.path, FRAMES_KEY)], window, stride, train_ids, loader)
-    probe = held_out[: max(1, cfg.eval.probe_frames // window)]
     config = {"params": cfg.model_dump(mode="json"), "data": data_fingerprint(store)}
-    train_cfg = cfg.train.model_copy(update={"batch_size": max(1, cfg.train.batch_size // window)})
     t0 = time.perf_counter()
     result = train(
         model, _loss_fn(cfg, perceptual), step_batches(dataset, train_cfg, loader), train_cfg, Path(work_dir),

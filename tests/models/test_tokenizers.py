@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.tokenizers import (
     CNNConfig,
@@ -25,17 +26,12 @@ SMALL_MAE = dict(image_size=16, channels=3, patch_size=4, n_latents=4, latent_di
 SMALL_CNN = dict(image_size=16, channels=3, latent_size=8, latent_channels=4, width=16, blocks=1)
 
 
-def squares(b: int, t: int, size: int = 16, channels: int = 3, seed: int = 0) -> torch.Tensor:
-    """(b, t, C, size, size) frames in [0, 1]: a bright square moving over a dim background."""
+def blobs(b: int, t: int, size: int = 16, channels: int = 3, seed: int = 0) -> torch.Tensor:
+    """(b, t, C, size, size) frames in [0, 1]: smooth random colour fields scrolling one pixel a frame."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.full((b, t, channels, size, size), 0.1)
-    pos = torch.randint(0, size - 4, (b, 2), generator=g)
-    color = torch.rand(b, channels, generator=g) * 0.7 + 0.3
-    for i in range(b):
-        for s in range(t):
-            r, c = (int(pos[i, 0]) + s) % (size - 4), int(pos[i, 1])
-            x[i, s, :, r : r + 4, c : c + 4] = color[i, :, None, None]
-    return x
+    coarse = torch.rand(b, channels, 4, 4, generator=g)
+    img = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    return torch.stack([img.roll(s, dims=-1) for s in range(t)], dim=1)
 
 
 @pytest.mark.parametrize(
@@ -48,7 +44,7 @@ def squares(b: int, t: int, size: int = 16, channels: int = 3, seed: int = 0) ->
 )
 def test_shapes(kind, config, latent_shape, dtype):
     model = build_tokenizer(kind, **config)
-    x = squares(2, 3)
+    x = blobs(2, 3)
     z = model.encode(x)
     assert tuple(z.shape) == (2, 3, *latent_shape) == (2, 3, *model.latent_shape)
     assert model.latent_dtype == dtype
@@ -64,7 +60,7 @@ def test_build_rejects_unknown_kind_and_bad_sizes():
     with pytest.raises(ValueError, match="patch_size 5 must divide image_size 16"):
         MAETokenizer(MAEConfig(image_size=16, patch_size=5))
     with pytest.raises(ValueError, match="more than max_frames=4"):
-        MAETokenizer(MAEConfig(**SMALL_MAE)).encode(squares(1, 5))
+        MAETokenizer(MAEConfig(**SMALL_MAE)).encode(blobs(1, 5))
 
 
 def test_pixels_converts_stored_frames():
@@ -83,11 +79,13 @@ def test_quantize_round_trip_and_vocabulary():
     ids = torch.randint(0, 16, (2, 3, 8, 8), dtype=torch.uint8)
     # ids -> dequantized image -> ids is exact
     assert torch.equal(q.encode(q.decode(ids)), ids)
-    # every level maps to itself and covers [0, 1]
+    # black and white are exact; a ramp covers every level in order
+    assert torch.equal(q.dequantize(torch.tensor([0, 15])), torch.tensor([0.0, 1.0]))
     x = torch.linspace(0, 1, 64).view(1, 1, 1, 8, 8)
     got = q.encode(x)
-    assert got.min() == 0 and got.max() == 15
+    assert got.unique().tolist() == list(range(16))
     assert torch.all(got.flatten().diff() >= 0)
+    assert (q.decode(got) - x).abs().max() <= 0.5 / 15 + 1e-6
 
 
 def test_quantize_resizes_and_greys_rgb():
@@ -96,7 +94,7 @@ def test_quantize_resizes_and_greys_rgb():
     x[..., 1, :8, :] = 1.0  # pure green on the top half
     ids = q.encode(x)
     assert ids.shape == (1, 1, 8, 8)
-    assert torch.all(ids[0, 0, :4] == int(0.587 * 16)) and torch.all(ids[0, 0, 4:] == 0)
+    assert torch.all(ids[0, 0, :4] == round(0.587 * 15)) and torch.all(ids[0, 0, 4:] == 0)
     recon = q.decode(ids)
     assert recon.shape == (1, 1, 3, 16, 16)
     assert torch.allclose(recon[..., 0, :, :], recon[..., 1, :, :])
@@ -121,7 +119,7 @@ def test_masks_follow_the_block_causal_rules():
 def test_mae_is_block_causal_over_time():
     torch.manual_seed(0)
     model = MAETokenizer(MAEConfig(**SMALL_MAE)).eval()
-    x = squares(2, 4)
+    x = blobs(2, 4)
     changed = x.clone()
     changed[:, 2:] = torch.rand_like(changed[:, 2:])  # frames 2 and 3 change
     with torch.no_grad():
@@ -139,7 +137,7 @@ def test_mae_patches_only_see_their_own_frame():
     """Latents of frame 1 change when frame 0 changes (latents look back) - the causal path exists."""
     torch.manual_seed(0)
     model = MAETokenizer(MAEConfig(**SMALL_MAE)).eval()
-    x = squares(1, 2)
+    x = blobs(1, 2)
     changed = x.clone()
     changed[:, 0] = 1 - changed[:, 0]
     with torch.no_grad():
@@ -153,7 +151,7 @@ def test_mask_ratio_curriculum_and_masked_forward():
     assert mask_ratio_at(0, 0.8, 0) == pytest.approx(0.8)
     torch.manual_seed(0)
     model = MAETokenizer(MAEConfig(**SMALL_MAE)).eval()
-    x = squares(2, 2)
+    x = blobs(2, 2)
     with torch.no_grad():
         assert torch.equal(model(x, 0.0), model(x))       # no masking at ratio 0
         assert not torch.allclose(model(x, 0.9), model(x))  # masking changes the input
@@ -162,13 +160,14 @@ def test_mask_ratio_curriculum_and_masked_forward():
 # -- training --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind,config,steps,threshold", [("cnn", SMALL_CNN, 150, 24.0), ("mae", SMALL_MAE, 250, 22.0)])
-def test_overfits_one_small_batch(kind, config, steps, threshold):
+@pytest.mark.parametrize("kind,config,steps,margin", [("cnn", SMALL_CNN, 100, 10.0), ("mae", SMALL_MAE, 200, 5.0)])
+def test_overfits_one_small_batch(kind, config, steps, margin):
+    """PSNR climbs well above that of the batch's mean image (what a collapsed tokenizer outputs)."""
     torch.manual_seed(0)
     model = build_tokenizer(kind, **config)
-    x = squares(4, 2)
+    x = blobs(4, 2)
+    mean_psnr = psnr(to_images(x.mean(0, keepdim=True).expand_as(x)), to_images(x))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    start = psnr(to_images(model(x).detach()), to_images(x))
     for _ in range(steps):
         loss, parts = reconstruction_loss(model(x), x)
         opt.zero_grad()
@@ -177,11 +176,11 @@ def test_overfits_one_small_batch(kind, config, steps, threshold):
     with torch.no_grad():
         end = psnr(to_images(model(x)), to_images(x))
     assert parts["mse"] == pytest.approx(loss.item())
-    assert start < 15 and end > threshold, (start, end)
+    assert end > mean_psnr + margin, (mean_psnr, end)
 
 
 def test_reconstruction_loss_needs_a_perceptual_loss_for_lpips_weight():
-    x = squares(1, 1)
+    x = blobs(1, 1)
     with pytest.raises(ValueError, match="lpips_weight > 0 needs a perceptual loss"):
         reconstruction_loss(x, x, None, 0.2)
     loss, parts = reconstruction_loss(x * 0.5, x, lambda a, b: (a - b).abs().mean((1, 2, 3)), 0.5)
@@ -193,7 +192,7 @@ def test_lpips_loss_where_lpips_can_be_built():
         distance = load_lpips("vgg")
     except LpipsUnavailable as exc:
         pytest.skip(f"LPIPS unavailable here: {exc}")
-    x = squares(2, 1, size=32)
+    x = blobs(2, 1, size=32)
     y = (x + 0.2 * torch.rand_like(x)).clamp(0, 1)
     loss, parts = reconstruction_loss(y, x, distance, 0.2)
     assert parts["lpips"] > 0 and loss.item() > parts["mse"]

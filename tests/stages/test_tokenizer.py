@@ -19,13 +19,14 @@ from stages.tokenizer import Config
 
 TINY_STORE = StoreConfig(chunk_frames=4, shard_chunks=2, clevel=1)
 NO_WORKERS = LoaderConfig(num_workers=0)
+TRAIN = {"steps": 40, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5, "log_every": 10, "eval_every": 20,
+         "ckpt_every": 20}
 SMALL = {
     "quantize": {"size": 8},
-    "cnn": {"latent_size": 8, "latent_channels": 4, "width": 16, "blocks": 1},
+    "cnn": {"latent_size": 8, "latent_channels": 4, "width": 16, "blocks": 1, "train": TRAIN},
     "mae": {"patch_size": 4, "n_latents": 4, "latent_dim": 8, "dim": 32, "heads": 2, "depth": 1,
-            "decoder_depth": 1, "window": 2, "stride": 2, "mask_ratio_max": 0.5, "mask_warmup_steps": 10},
-    "train": {"steps": 40, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5, "log_every": 10, "eval_every": 20,
-              "ckpt_every": 20},
+            "decoder_depth": 1, "window": 2, "stride": 2, "mask_ratio_max": 0.5, "mask_warmup_steps": 10,
+            "train": {**TRAIN, "batch_size": 16}},
     "eval": {"val_fraction": 0.25, "max_frames": 16, "probe_frames": 8, "batch_size": 8},
 }
 
@@ -92,7 +93,7 @@ def test_cnn_trains_saves_and_reloads(frames_path, tmp_path):
 
 
 def test_cnn_outputs_are_byte_reproducible(frames_path, tmp_path):
-    cfg = config("cnn", train={**SMALL["train"], "steps": 6, "eval_every": 3})
+    cfg = config("cnn", cnn={**SMALL["cnn"], "train": {**TRAIN, "steps": 6, "eval_every": 3}})
     for name in ("a", "b"):
         stage.run(cfg, frames_path, tmp_path / name, tmp_path / f"work-{name}", loader=NO_WORKERS)
     for f in ("model.pt", "tokenizer.json"):
