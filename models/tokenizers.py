@@ -122,20 +122,17 @@ class CNNTokenizer(nn.Module):
 
     def __init__(self, cfg: CNNConfig):
         super().__init__()
-        ratio = cfg.image_size // cfg.latent_size
-        n_down = int(math.log2(ratio)) if ratio >= 1 else -1
-        if cfg.latent_size * ratio != cfg.image_size or 2**n_down != ratio:
+        n_down = round(math.log2(cfg.image_size / cfg.latent_size)) if 0 < cfg.latent_size < cfg.image_size else 0
+        if n_down < 1 or cfg.latent_size * 2**n_down != cfg.image_size:
             raise ValueError(
-                f"cnn latent_size {cfg.latent_size} must be image_size {cfg.image_size} / 2^k"
+                f"cnn latent_size {cfg.latent_size} must be image_size {cfg.image_size} / 2^k with k >= 1"
             )
         self.cfg = cfg
         widths = [cfg.channels] + [cfg.width * 2**i for i in range(n_down)]
-        top = widths[-1] if n_down else cfg.width
+        top = widths[-1]
         enc: list[nn.Module] = []
         for i in range(n_down):
             enc += [nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1), nn.SiLU()]
-        if not n_down:
-            enc += [nn.Conv2d(cfg.channels, top, 3, padding=1)]
         enc += [ResBlock(top) for _ in range(cfg.blocks)]
         enc += [nn.GroupNorm(min(8, top), top), nn.SiLU(), nn.Conv2d(top, cfg.latent_channels, 1)]
         self.encoder = nn.Sequential(*enc)
@@ -147,8 +144,6 @@ class CNNTokenizer(nn.Module):
             dec.append(nn.ConvTranspose2d(widths[i + 1], widths[i], 4, stride=2, padding=1))
             if i:
                 dec.append(nn.SiLU())
-        if not n_down:
-            dec.append(nn.Conv2d(top, cfg.channels, 3, padding=1))
         self.decoder = nn.Sequential(*dec)
 
     @property

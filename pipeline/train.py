@@ -18,7 +18,6 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field

@@ -63,7 +63,8 @@ from pipeline.train import TrainConfig, clear_checkpoint, resolve_device, step_b
 log = logging.getLogger(__name__)
 
 FRAMES_KEY = "frames"
-TIMINGS = ("train_seconds", "steps_per_s")  # left out of tokenizer.json, which is byte-reproducible
+# facts of one run, left out of tokenizer.json (byte-reproducible, also when a killed run resumed)
+RUN_FACTS = ("train_seconds", "steps_per_s", "resumed_from_step")
 
 
 class QuantizeParams(StrictModel):
@@ -329,7 +330,7 @@ def run(
         "encode_window": window,
         "frame_shape": list(frame_shape),
         "val_episodes": val_ids.tolist(),
-        "metrics": {k: v for k, v in metrics.items() if k not in TIMINGS},
+        "metrics": {k: v for k, v in metrics.items() if k not in RUN_FACTS},
     }, Path(out_dir))
     if train_cfg is not None:
         clear_checkpoint(work_dir)

@@ -55,8 +55,9 @@ def test_shapes(kind, config, latent_shape, dtype):
 def test_build_rejects_unknown_kind_and_bad_sizes():
     with pytest.raises(ValueError, match="unknown tokenizer kind 'vqvae'"):
         build_tokenizer("vqvae")
-    with pytest.raises(ValueError, match="latent_size 6 must be image_size 16 / 2"):
-        CNNTokenizer(CNNConfig(image_size=16, latent_size=6))
+    for bad in (6, 16, 0):
+        with pytest.raises(ValueError, match=f"latent_size {bad} must be image_size 16 / 2"):
+            CNNTokenizer(CNNConfig(image_size=16, latent_size=bad))
     with pytest.raises(ValueError, match="patch_size 5 must divide image_size 16"):
         MAETokenizer(MAEConfig(image_size=16, patch_size=5))
     with pytest.raises(ValueError, match="more than max_frames=4"):
