@@ -30,7 +30,7 @@ import torch
 
 from bench.common import report
 from models.tokenizers import build_tokenizer, pixels, reconstruction_loss
-from pipeline.checkpoint import save_tokenizer
+from pipeline.checkpoint import save_model
 from pipeline.config import load_section
 from pipeline.reader import LoaderConfig, WindowDataset
 from pipeline.store import EpisodeStoreWriter, StoreConfig
@@ -79,7 +79,7 @@ def bench_encode(kind: str, cfg: Config, store: Path, frames: np.ndarray, ends: 
     torch.manual_seed(0)
     model = build_tokenizer(kind, **model_config(cfg, kind, FRAME_SHAPE)).eval()
     window = encode_window(cfg.model_copy(update={"kind": kind}))
-    save_tokenizer(model, kind, {
+    save_model(model, "tokenizer", kind, {
         "latent_shape": list(model.latent_shape), "encode_window": window, "frame_shape": list(FRAME_SHAPE),
         "latent_dtype": str(model.latent_dtype).removeprefix("torch."),
     }, root / f"tok-{kind}")

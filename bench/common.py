@@ -6,7 +6,7 @@ import os
 import platform
 from pathlib import Path
 
-from pipeline.store import write_json
+from pipeline.atomic import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -13,6 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# ITU-R BT.601 luma weights of (R, G, B): the one grayscale conversion of the project.
+LUMA = (0.299, 0.587, 0.114)
+
 # --------------------------------------------------------------------------------------------
 # actions and frames
 # --------------------------------------------------------------------------------------------

@@ -21,11 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.common import LUMA
+
 # --------------------------------------------------------------------------------------------
 # quantize: the fixed tokenizer of the CoPilot4D Moving MNIST notes
 # --------------------------------------------------------------------------------------------
 
-LUMA = (0.299, 0.587, 0.114)
 
 
 @dataclass
@@ -360,21 +361,14 @@ def mask_ratio_at(step: int, ratio_max: float, warmup_steps: int) -> float:
 # building and losses
 # --------------------------------------------------------------------------------------------
 
-KINDS = {
-    "quantize": (QuantizeConfig, QuantizeTokenizer),
-    "cnn": (CNNConfig, CNNTokenizer),
-    "mae": (MAEConfig, MAETokenizer),
-}
-
 Tokenizer = QuantizeTokenizer | CNNTokenizer | MAETokenizer
 
 
 def build_tokenizer(kind: str, **config) -> Tokenizer:
-    """A tokenizer of ``kind`` from the fields of its config dataclass."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown tokenizer kind {kind!r}; choose one of {sorted(KINDS)}")
-    config_cls, model_cls = KINDS[kind]
-    return model_cls(config_cls(**config))
+    """A tokenizer of ``kind`` (quantize, cnn, mae) from the fields of its config dataclass."""
+    from models import registry
+
+    return registry.build("tokenizer", kind, config)
 
 
 Perceptual = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -7,8 +7,6 @@ Redirects are followed only to allowed schemes and hosts.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,6 +14,8 @@ from typing import Sequence
 from urllib.parse import urlsplit
 
 from tqdm import tqdm
+
+from pipeline.atomic import atomic_path
 
 CHUNK = 1 << 20
 TIMEOUT_S = 60
@@ -62,18 +62,12 @@ def fetch(
     """
     check_url(url, allowed_schemes, allowed_hosts)
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     opener = urllib.request.build_opener(_CheckedRedirects(allowed_schemes, allowed_hosts))
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_path(dest) as tmp:
+        with open(tmp, "wb") as out:
             digest = _stream(opener, url, out, desc or dest.name)
         if sha256 is not None and digest != sha256.lower():
             raise ValueError(f"{url}: sha256 mismatch: expected {sha256.lower()}, got {digest}")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 

@@ -12,9 +12,11 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
 
+from models.common import LUMA
+
 CLASS_NAMES = ("none", "left", "right", "up", "down")
 _WORKERS = 2
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+_LUMA = np.array(LUMA, np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

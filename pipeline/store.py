@@ -8,18 +8,16 @@ renamed into place when complete: a half-written store is never left at the outp
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import zarr
 from pydantic import Field
 from zarr.codecs import BloscCodec
 
+from pipeline.atomic import clean_stale, replace, tmp_sibling
 from pipeline.config import StrictModel
 
 FORMAT = "episode-store/1"
@@ -37,54 +35,6 @@ def _compressor(cfg: StoreConfig) -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=cfg.clevel, shuffle="shuffle")
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def clean_stale(path: Path) -> None:
-    """Remove temporary directories left next to ``path`` by killed writers."""
-    path = Path(path)
-    if path.parent.exists():
-        for p in path.parent.glob(f".{path.name}.tmp-*"):
-            shutil.rmtree(p, ignore_errors=True)
-        for p in path.parent.glob(f".{path.name}.old-*"):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def replace_dir(tmp: Path, path: Path) -> None:
-    """Atomically (as far as the filesystem allows) move a finished directory into place."""
-    path = Path(path)
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
 class EpisodeStoreWriter:
     """Append episodes; ``commit()`` (or leaving the ``with`` block cleanly) renames into place.
 
@@ -97,7 +47,7 @@ class EpisodeStoreWriter:
         self.cfg = cfg or StoreConfig()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(self.path)
-        self.tmp = _tmp_path(self.path)
+        self.tmp = tmp_sibling(self.path)
         self.root = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
         self.root.attrs.update({"format": FORMAT, **(attrs or {})})
         self.data = self.root.require_group("data")
@@ -186,7 +136,7 @@ class EpisodeStoreWriter:
             compressors=None, fill_value=0,
         )[:] = ends
         self.root.attrs.update({"n_frames": int(self.n), "n_episodes": int(len(ends))})
-        replace_dir(self.tmp, self.path)
+        replace(self.tmp, self.path)
         self.committed = True
         return self.path
 

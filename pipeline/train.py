@@ -31,10 +31,10 @@ from pydantic import Field
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from pipeline.atomic import write_json
 from pipeline.checkpoint import load_torch, save_torch
 from pipeline.config import StrictModel
 from pipeline.reader import LoaderConfig, make_loader
-from pipeline.store import write_json
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ conversion and resize are one swscale pass with a reused context.
 """
 from __future__ import annotations
 
-import os
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +15,8 @@ from typing import Iterator
 import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
+
+from pipeline.atomic import atomic_path
 
 # Timestamps closer than this (seconds) count as equal when resampling (float rounding of pts).
 _EPS = 1e-6
@@ -38,9 +39,7 @@ def encode_video(frames: np.ndarray, path: Path | str, fps: float, crf: int = 18
     height, width = frames.shape[1:3]
     if height % 2 or width % 2:
         raise ValueError(f"{path}: yuv420p needs an even width and height, got {width}x{height}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         with av.open(str(tmp), "w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -49,9 +48,6 @@ def encode_video(frames: np.ndarray, path: Path | str, fps: float, crf: int = 18
             for frame in frames:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             container.mux(stream.encode(None))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

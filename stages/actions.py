@@ -35,13 +35,13 @@ from tqdm import tqdm
 from pipeline import motion
 from pipeline.cli import run_stage
 from pipeline.config import StrictModel, load_section
-from pipeline.paths import metrics_path
-from pipeline.store import EpisodeStore, EpisodeStoreWriter, StoreConfig, write_json
+from pipeline.atomic import write_json
+from pipeline.paths import DATASETS, actions_store, frames_store, metrics_path
+from pipeline.store import EpisodeStore, EpisodeStoreWriter, StoreConfig
 from pipeline.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
-ITEMS = ("mnist", "gameplay")
 
 
 class MnistActionsConfig(StrictModel):
@@ -75,14 +75,6 @@ class GameplayActionsConfig(StrictModel):
 
 
 CONFIGS: dict[str, type[StrictModel]] = {"mnist": MnistActionsConfig, "gameplay": GameplayActionsConfig}
-
-
-def frames_path(item: str) -> Path:
-    return Path(f"data/{item}/frames.zarr")
-
-
-def actions_path(item: str) -> Path:
-    return Path(f"data/{item}/actions.zarr")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +213,7 @@ def run_gameplay(cfg: GameplayActionsConfig, src: Path, out: Path, store_cfg: St
         )
     scene = motion.centre_mask(bottom - top, right - left, cfg.tile_px)
     threshold = cfg.move_threshold * cfg.tile_px
-    preds, trues, ambiguous, scored_valid = [], [], [], []
+    preds, trues, ambiguous = [], [], []
     attrs = {"method": cfg.method, "width": w, "height": h}
     with EpisodeStoreWriter(out, store_cfg, attrs=attrs) as writer:
         for i in tqdm(range(store.n_episodes), desc="actions@gameplay", unit="episode"):
@@ -260,7 +252,7 @@ def run(item: str, cfg: StrictModel, src: Path, out: Path, store_cfg: StoreConfi
         return run_mnist(cfg, src, out, store_cfg)
     if item == "gameplay":
         return run_gameplay(cfg, src, out, store_cfg)
-    raise ValueError(f"unknown actions item {item!r}; expected one of {ITEMS}")
+    raise ValueError(f"unknown actions item {item!r}; expected one of {DATASETS}")
 
 
 def main(item: str) -> None:
@@ -268,7 +260,7 @@ def main(item: str) -> None:
     store_cfg = load_section("store", StoreConfig)
     with stage_run("actions", item, cfg) as r:
         start = time.perf_counter()
-        metrics = run(item, cfg, frames_path(item), actions_path(item), store_cfg)
+        metrics = run(item, cfg, frames_store(item), actions_store(item), store_cfg)
         seconds = time.perf_counter() - start
         summary = {k: metrics.get(k) for k in ("accuracy", "ambiguous", "tracker_mae")}
         log.info("actions@%s: %s in %.1f s", item, summary, seconds)
@@ -277,4 +269,4 @@ def main(item: str) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main, foreach=ITEMS)
+    run_stage(main, foreach=DATASETS)

@@ -22,16 +22,19 @@ from pydantic import Field, field_validator
 from pipeline.cli import run_stage
 from pipeline.config import StrictModel, load_section
 from pipeline.flows import run_tasks
-from pipeline.paths import metrics_path
-from pipeline.store import EpisodeStoreWriter, StoreConfig, write_json
+from pipeline.atomic import write_json
+from pipeline.manifest import one_line, read_manifest, sha256_file, write_manifest
+from pipeline.paths import GAMEPLAY_FRAMES_MANIFEST, GAMEPLAY_VIDEOS, VIDEOS_MANIFEST, frames_store, metrics_path
+from pipeline.store import EpisodeStoreWriter, StoreConfig
 from pipeline.tracking import stage_run
 from pipeline.video import decode_video
-from stages.gameplay_videos import MANIFEST, VIDEOS_DIR, one_line, read_manifest, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
 
-STORE = Path("data/gameplay/frames.zarr")
-FRAMES_MANIFEST = Path("data/gameplay/frames_manifest.csv")
+STORE = frames_store("gameplay")
+FRAMES_MANIFEST = GAMEPLAY_FRAMES_MANIFEST
+VIDEOS_DIR = GAMEPLAY_VIDEOS
+MANIFEST = VIDEOS_MANIFEST
 COLUMNS = ["name", "source", "status", "error", "duration", "frames", "bytes", "sha256"]
 
 

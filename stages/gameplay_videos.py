@@ -11,9 +11,7 @@ requested again. The stage removes every file that does not belong to the curren
 from __future__ import annotations
 
 import collections
-import csv
 import hashlib
-import io
 import logging
 import re
 import shutil
@@ -27,19 +25,20 @@ import numpy as np
 import yt_dlp
 from pydantic import Field, field_validator, model_validator
 
+from pipeline.atomic import write_json
 from pipeline.cli import run_stage
 from pipeline.config import StrictModel, load_section
 from pipeline.download import check_url
 from pipeline.flows import run_tasks
-from pipeline.paths import metrics_path
-from pipeline.store import atomic_write_text, write_json
+from pipeline.manifest import one_line, read_manifest, sha256_file, write_manifest
+from pipeline.paths import GAMEPLAY_VIDEOS, VIDEOS_MANIFEST, metrics_path
 from pipeline.tracking import stage_run
 from pipeline.video import VideoError, encode_video, probe_video
 
 log = logging.getLogger(__name__)
 
-VIDEOS_DIR = Path("data/gameplay/videos")
-MANIFEST = "manifest.csv"
+VIDEOS_DIR = GAMEPLAY_VIDEOS
+MANIFEST = VIDEOS_MANIFEST
 ARCHIVE = "archive.txt"
 COLUMNS = ["name", "source", "status", "error", "file", "duration", "frames", "bytes", "sha256", "url", "archive_id"]
 
@@ -111,14 +110,6 @@ class Config(StrictModel):
 # ---------------------------------------------------------------- manifest rows
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def video_row(out_dir: Path, name: str, file: str, source: str, url: str = "", archive_id: str = "") -> dict:
     """An ``ok`` manifest row for a video file; a file that cannot be probed keeps the error.
 
@@ -137,31 +128,10 @@ def video_row(out_dir: Path, name: str, file: str, source: str, url: str = "", a
     return row
 
 
-def one_line(message: str) -> str:
-    """A message on one line (yt-dlp's messages carry carriage returns)."""
-    return " ".join(str(message).split())
-
-
 def failed_row(name: str, source: str, error: str, url: str = "") -> dict:
     row = dict.fromkeys(COLUMNS, "")
     row.update(name=name, source=source, status="failed", error=one_line(error), url=url)
     return row
-
-
-def write_manifest(path: Path, rows: list[dict], columns: list[str] = COLUMNS) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
-def read_manifest(path: Path) -> list[dict]:
-    """The rows of a manifest (an empty list when there is none)."""
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def remove_others(out_dir: Path, names: set[str], keep: set[str]) -> None:
@@ -422,7 +392,7 @@ def run(cfg: Config, out_dir: Path = VIDEOS_DIR) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     rows = record_crafter(cfg, out_dir) if cfg.source == "crafter" else download_urls(cfg, out_dir)
-    write_manifest(out_dir / MANIFEST, rows)
+    write_manifest(out_dir / MANIFEST, rows, COLUMNS)
     ok = [r for r in rows if r["status"] == "ok"]
     for r in rows:
         if r["status"] == "failed":

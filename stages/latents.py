@@ -27,19 +27,18 @@ import torch
 from pydantic import Field
 
 from models.tokenizers import Tokenizer, pixels
-from pipeline.checkpoint import load_tokenizer, read_tokenizer_meta
+from pipeline.atomic import write_json
+from pipeline.checkpoint import load_model
 from pipeline.cli import run_stage
 from pipeline.config import StrictModel, load_section
-from pipeline.paths import metrics_path
+from pipeline.paths import DATASETS, FRAMES_KEY, LATENTS_KEY, frames_store, latents_store, metrics_path, tokenizer_dir
 from pipeline.reader import iter_batches
-from pipeline.store import EpisodeStore, EpisodeStoreWriter, StoreConfig, write_json
+from pipeline.store import EpisodeStore, EpisodeStoreWriter, StoreConfig
 from pipeline.tracking import stage_run
 from pipeline.train import resolve_device
 
 log = logging.getLogger(__name__)
 
-FRAMES_KEY = "frames"
-LATENTS_KEY = "latents"
 T = TypeVar("T")
 _DONE = object()
 
@@ -95,8 +94,7 @@ def run(cfg: Config, frames_path: Path | str, tokenizer_dir: Path | str, out_pat
     """Encode every frame of ``frames_path`` into the episode store ``out_path``; returns metrics."""
     store_cfg = store_cfg or StoreConfig()
     device = resolve_device(cfg.device)
-    meta = read_tokenizer_meta(tokenizer_dir)
-    model = load_tokenizer(tokenizer_dir, device)
+    model, meta = load_model(tokenizer_dir, "tokenizer", device)
     store = EpisodeStore.open(frames_path)
     frames_arr = store.array(FRAMES_KEY)
     if list(frames_arr.shape[1:]) != meta["frame_shape"]:
@@ -174,11 +172,10 @@ def main(item: str | None = None) -> None:
     cfg = load_section("latents", Config)
     store_cfg = load_section("store", StoreConfig)
     with stage_run("latents", item, cfg) as r:
-        metrics = run(cfg, Path(f"data/{item}/frames.zarr"), Path(f"data/{item}/tokenizer"),
-                      Path(f"data/{item}/latents.zarr"), store_cfg)
+        metrics = run(cfg, frames_store(item), tokenizer_dir(item), latents_store(item), store_cfg)
         write_json(metrics_path("latents", item), metrics)
         r.log_metrics(metrics)
 
 
 if __name__ == "__main__":
-    run_stage(main, foreach=("mnist", "gameplay"))
+    run_stage(main, foreach=DATASETS)

@@ -24,12 +24,13 @@ from pydantic import Field
 from pipeline.cli import run_stage
 from pipeline.config import StrictModel, load_section
 from pipeline.download import fetch
+from pipeline.paths import MNIST_DIGITS
 from pipeline.store import EpisodeStoreWriter, StoreConfig
 from pipeline.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
-OUT = Path("data/mnist/digits.zarr")
+OUT = MNIST_DIGITS
 SIZE = 28  # MNIST image side
 BOX = 20  # MNIST digits are normalised to a 20x20 box, centred in 28x28
 BUNDLED_SOURCE = "bundled: scikit-learn digits 8x8 upsampled to 28x28"

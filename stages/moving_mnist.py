@@ -26,17 +26,18 @@ import numpy as np
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
+from pipeline.atomic import write_json
 from pipeline.cli import run_stage
 from pipeline.config import StrictModel, load_section
 from pipeline.download import fetch
-from pipeline.paths import metrics_path
-from pipeline.store import EpisodeStore, EpisodeStoreWriter, StoreConfig, write_json
+from pipeline.paths import MNIST_DIGITS, frames_store, metrics_path
+from pipeline.store import EpisodeStore, EpisodeStoreWriter, StoreConfig
 from pipeline.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
-DIGITS = Path("data/mnist/digits.zarr")
-OUT = Path("data/mnist/frames.zarr")
+DIGITS = MNIST_DIGITS
+OUT = frames_store("mnist")
 DOWNLOAD_SOURCE = "download: standard Moving MNIST test set (mnist_test_seq.npy)"
 
 

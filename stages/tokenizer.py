@@ -19,8 +19,6 @@ back by ``pipeline.checkpoint`` (``load_tokenizer``).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -39,30 +37,47 @@ from models.tokenizers import (
     pixels,
     reconstruction_loss,
 )
-from pipeline.checkpoint import save_tokenizer
+from pipeline.atomic import write_json
+from pipeline.checkpoint import save_model
 from pipeline.cli import run_stage
 from pipeline.config import ParamsError, StrictModel, load_section
+from pipeline.evaluation import (
+    held_out_windows,
+    mean_frame,
+    quality,
+    reconstruct,
+    store_fingerprint,
+)
 from pipeline.image_metrics import (
-    NA,
     CollapseGuard,
     Distance,
     collapse_ratio,
     image_grid,
     lpips_or_reason,
     psnr,
-    spread,
-    ssim,
     to_images,
 )
-from pipeline.paths import metrics_path
-from pipeline.reader import LoaderConfig, WindowDataset, iter_batches, split_episodes, window_index
-from pipeline.store import EpisodeStore, write_json
+from pipeline.paths import (
+    DATASETS,
+    FRAMES_KEY,
+    checkpoint_dir,
+    frames_store,
+    metrics_path,
+    tokenizer_dir,
+)
+from pipeline.reader import LoaderConfig, WindowDataset, split_episodes
+from pipeline.store import EpisodeStore
 from pipeline.tracking import stage_run
-from pipeline.train import TrainConfig, clear_checkpoint, resolve_device, step_batches, train
+from pipeline.train import (
+    TrainConfig,
+    clear_checkpoint,
+    resolve_device,
+    step_batches,
+    train,
+)
 
 log = logging.getLogger(__name__)
 
-FRAMES_KEY = "frames"
 # facts of one run, left out of tokenizer.json (byte-reproducible, also when a killed run resumed)
 RUN_FACTS = ("train_seconds", "steps_per_s", "resumed_from_step")
 
@@ -153,72 +168,6 @@ def train_config(cfg: Config) -> TrainConfig | None:
     return tc.model_copy(update={"batch_size": max(1, tc.batch_size // encode_window(cfg))})
 
 
-# -- data --------------------------------------------------------------------------------------
-
-
-def data_fingerprint(store: EpisodeStore) -> str:
-    """Identifies the frames a run trained on (layout, attrs, first chunk), for safe resumption."""
-    h = hashlib.sha256(store.episode_ends.tobytes())
-    h.update(json.dumps(store.attrs, sort_keys=True, default=str).encode())
-    arr = store.array(FRAMES_KEY)
-    h.update(np.ascontiguousarray(arr[: int(arr.chunks[0])]).tobytes())
-    return h.hexdigest()[:16]
-
-
-def held_out_windows(store: EpisodeStore, val_ids: np.ndarray, window: int, max_frames: int) -> np.ndarray:
-    """Non-overlapping windows of held-out episodes, evenly picked: (N, window, H, W, C) uint8."""
-    idx = window_index(store.episode_ends, val_ids, window, window)
-    if len(idx) == 0:
-        raise ValueError(f"{store.path}: no held-out window of {window} frames; raise tokenizer eval.val_fraction")
-    n = max(1, min(len(idx), max_frames // window))
-    pick = idx[np.linspace(0, len(idx) - 1, n).round().astype(int)]
-    arr = store.array(FRAMES_KEY)
-    return np.stack([arr[int(a) : int(b)] for a, b in pick])
-
-
-def mean_image(store: EpisodeStore, train_ids: np.ndarray, batch: int = 1024) -> np.ndarray:
-    """The mean training frame (H, W, C) in [0, 1], over every frame of the training episodes."""
-    frame_episode = np.repeat(np.arange(store.n_episodes), store.episode_lengths())
-    is_train = np.isin(frame_episode, train_ids)
-    total = np.zeros(store.array(FRAMES_KEY).shape[1:], dtype=np.float64)
-    for start, frames in iter_batches(store.path, FRAMES_KEY, batch):
-        keep = is_train[start : start + len(frames)]
-        total += frames[keep].sum(axis=0, dtype=np.float64)
-    return (total / max(1, int(is_train.sum())) / 255).astype(np.float32)
-
-
-# -- measuring ---------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def reconstruct(model: Tokenizer, windows: np.ndarray, batch_frames: int, device: torch.device) -> tuple[np.ndarray, np.ndarray, float]:
-    """Reconstructions (N*T, H, W, C), targets likewise, and the latent std across frames."""
-    t = windows.shape[1]
-    per = max(1, batch_frames // t)
-    recons, targets, latents = [], [], []
-    for i in range(0, len(windows), per):
-        x = pixels(torch.from_numpy(windows[i : i + per]).to(device))
-        z = model.encode(x)
-        recons.append(to_images(model.decode(z)))
-        targets.append(to_images(x))
-        latents.append(z.flatten(0, 1).float().cpu())
-    return np.concatenate(recons), np.concatenate(targets), spread(torch.cat(latents))
-
-
-def quality(recon: np.ndarray, target: np.ndarray, lpips_fn: Distance | None, lpips_reason: str | None,
-            device: torch.device) -> dict:
-    """psnr, ssim, lpips (or "n/a" and lpips_reason), collapse_ratio of reconstructions."""
-    out = {"psnr": psnr(recon, target), "ssim": ssim(recon, target), "collapse_ratio": collapse_ratio(recon, target)}
-    if lpips_fn is None:
-        out.update(lpips=NA, lpips_reason=lpips_reason)
-    else:
-        with torch.no_grad():
-            a = torch.from_numpy(recon).permute(0, 3, 1, 2).to(device)
-            b = torch.from_numpy(target).permute(0, 3, 1, 2).to(device)
-            out["lpips"] = float(torch.cat([lpips_fn(a[i : i + 64], b[i : i + 64]) for i in range(0, len(a), 64)]).mean())
-    return out
-
-
 # -- the stage ---------------------------------------------------------------------------------
 
 
@@ -276,13 +225,13 @@ def run(
     if len(val_ids) == 0:
         raise ValueError(f"{frames_path}: {store.n_episodes} episode(s) leave none held out; need at least 2")
     window = encode_window(cfg)
-    held_out = held_out_windows(store, val_ids, window, cfg.eval.max_frames)
+    held_out, _ = held_out_windows(store, val_ids, window, cfg.eval.max_frames)
     log.info("%s: %d train / %d held-out episodes, %d held-out frames", frames_path,
              len(train_ids), len(val_ids), held_out.shape[0] * window)
 
     # baselines: the mean training image and the quantize tokenizer
     targets = to_images(pixels(torch.from_numpy(held_out)))
-    mean = mean_image(store, train_ids)
+    mean = mean_frame(store, train_ids)
     metrics: dict = {"psnr_mean_image": psnr(np.broadcast_to(mean, targets.shape), targets)}
     quant = QuantizeTokenizer(QuantizeConfig(**model_config(cfg, "quantize", frame_shape)))
     metrics["psnr_quantize"] = psnr(reconstruct(quant, held_out, cfg.eval.batch_size, device)[0], targets)
@@ -324,7 +273,7 @@ def run(
     if tracker is not None:
         tracker.log_image(image_grid([target[:: max(1, len(target) // 8)], recon[:: max(1, len(target) // 8)]]),
                           "reconstructions/final.png")
-    save_tokenizer(model, cfg.kind, {
+    save_model(model, "tokenizer", cfg.kind, {
         "latent_shape": list(model.latent_shape),
         "latent_dtype": str(model.latent_dtype).removeprefix("torch."),
         "encode_window": window,
@@ -344,7 +293,7 @@ def _train(cfg: Config, train_cfg: TrainConfig, model: Tokenizer, store: Episode
     window = encode_window(cfg)
     stride = cfg.mae.stride if cfg.kind == "mae" else 1
     dataset = WindowDataset([(store.path, FRAMES_KEY)], window, stride, train_ids, loader)
-    config = {"params": cfg.model_dump(mode="json"), "data": data_fingerprint(store)}
+    config = {"params": cfg.model_dump(mode="json"), "data": store_fingerprint(store, [FRAMES_KEY])}
     t0 = time.perf_counter()
     result = train(
         model, _loss_fn(cfg, perceptual), step_batches(dataset, train_cfg, loader), train_cfg, Path(work_dir),
@@ -368,12 +317,12 @@ def main(item: str | None = None) -> None:
     loader = load_section("loader", LoaderConfig)
     with stage_run("tokenizer", item, cfg) as r:
         metrics = run(
-            cfg, Path(f"data/{item}/frames.zarr"), Path(f"data/{item}/tokenizer"),
-            Path(f"checkpoints/tokenizer-{item}"), where=f"tokenizer.{item}", loader=loader, tracker=r,
+            cfg, frames_store(item), tokenizer_dir(item),
+            checkpoint_dir("tokenizer", item), where=f"tokenizer.{item}", loader=loader, tracker=r,
         )
         write_json(metrics_path("tokenizer", item), metrics)
         r.log_metrics(metrics)
 
 
 if __name__ == "__main__":
-    run_stage(main, foreach=("mnist", "gameplay"))
+    run_stage(main, foreach=DATASETS)

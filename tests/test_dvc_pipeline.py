@@ -140,3 +140,18 @@ def test_forced_rerun_is_byte_identical(repo, first_repro):
     after = lock_outs(path)
     changed = {k for k in before if before[k] != after.get(k)}
     assert not changed, f"outputs differ between two runs with the same params: {sorted(changed)}"
+
+
+def test_deps_rerun_exactly_what_they_touch(repo, first_repro):
+    """Both directions: a param no stage output depends on (`loader.num_workers`) reruns nothing;
+    a change to code one stage family runs (pipeline/motion.py) reruns exactly those stages."""
+    path, env = repo
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["loader"]["num_workers"] = 1
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = run(["dvc", "repro", *STAGES], path, env)
+    assert ran_stages(proc.stdout) == [], proc.stdout
+    motion = path / "pipeline" / "motion.py"
+    motion.write_text(motion.read_text() + "\n# a comment: the code changed\n")
+    proc = run(["dvc", "repro", *STAGES], path, env)
+    assert ran_stages(proc.stdout) == ["actions@gameplay", "actions@mnist"], proc.stdout

@@ -19,7 +19,7 @@ from models.tokenizers import (
     pixels,
     reconstruction_loss,
 )
-from pipeline.image_metrics import load_lpips, LpipsUnavailable, psnr, to_images
+from pipeline.image_metrics import LpipsUnavailable, load_lpips, psnr, to_images
 
 SMALL_MAE = dict(image_size=16, channels=3, patch_size=4, n_latents=4, latent_dim=8, dim=32, heads=2,
                  depth=2, decoder_depth=2, max_frames=4)

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.store import EpisodeStore, EpisodeStoreWriter, StoreConfig, write_episode_store
+from pipeline.store import (
+    EpisodeStore,
+    EpisodeStoreWriter,
+    StoreConfig,
+    write_episode_store,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = StoreConfig(chunk_frames=4, shard_chunks=2, clevel=3)

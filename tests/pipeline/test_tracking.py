@@ -1,8 +1,6 @@
 """MLflow tracking: a real SQLite store, runs named after the stage, params, metrics, commit tag."""
-from pathlib import Path
 
 import mlflow
-import pytest
 
 from pipeline.paths import repo_root
 from pipeline.tracking import stage_run, tracking_uri

@@ -16,7 +16,12 @@ from pipeline.config import ParamsError, load_section
 from pipeline.store import EpisodeStore, StoreConfig, write_episode_store
 from pipeline.video import decode_video, encode_video
 from stages import actions
-from stages.actions import GameplayActionsConfig, MnistActionsConfig, run_gameplay, run_mnist
+from stages.actions import (
+    GameplayActionsConfig,
+    MnistActionsConfig,
+    run_gameplay,
+    run_mnist,
+)
 from stages.mnist_digits import bundled_digits
 from stages.moving_mnist import Config as MovingConfig
 from stages.moving_mnist import generate_sequences, paste_max

@@ -34,7 +34,7 @@ def test_main_aligns_truth_by_timestamp(tmp_path, monkeypatch, make_video):
     videos = tmp_path / "data/gameplay/videos"
     videos.mkdir(parents=True)
     rows = [add_video(videos, make_video, "ep_a", 30, 20), add_video(videos, make_video, "ep_b", 8, 10)]
-    gv.write_manifest(videos / gv.MANIFEST, rows)
+    gv.write_manifest(videos / gv.MANIFEST, rows, gv.COLUMNS)
     params = {"gameplay_frames": {"width": 16, "height": 16, "retries": 0},
               "store": {"chunk_frames": 8, "shard_chunks": 2}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -121,7 +121,7 @@ def test_fails_when_no_video_survives(tmp_path, make_video):
     make_video(videos / "changed.mp4", n=7, fps=10)  # differs from the manifest's sha256
     (videos / "junk.mp4").write_bytes(b"not a video at all")
     junk = gv.video_row(videos, "junk", "junk.mp4", "urls")
-    gv.write_manifest(videos / gv.MANIFEST, [changed, junk])
+    gv.write_manifest(videos / gv.MANIFEST, [changed, junk], gv.COLUMNS)
     with pytest.raises(RuntimeError, match="2 of 2 videos failed"):
         gf.run(frames_config(max_failed_fraction=1.0), STORE_CFG, videos, tmp_path / "f.zarr", tmp_path / "m.csv")
     rows = gv.read_manifest(tmp_path / "m.csv")

@@ -15,7 +15,14 @@ import yaml
 from pipeline.config import ParamsError, load_section
 from pipeline.video import probe_video
 from stages import gameplay_videos as gv
-from stages.gameplay_videos import ARCHIVE, MANIFEST, Config, CrafterConfig, read_manifest, url_name
+from stages.gameplay_videos import (
+    ARCHIVE,
+    MANIFEST,
+    Config,
+    CrafterConfig,
+    read_manifest,
+    url_name,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = CrafterConfig(episodes=1, steps=20, size=72, hold_min=2, hold_max=4, seed=5)

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from models.tokenizers import build_tokenizer, pixels
-from pipeline.checkpoint import save_tokenizer
+from pipeline.checkpoint import CheckpointError, save_model
 from pipeline.store import EpisodeStore, StoreConfig, write_episode_store
 from stages import latents as stage
 
@@ -37,7 +37,7 @@ def frames(tmp_path_factory):
 def saved_tokenizer(kind: str, path, window: int = 1):
     torch.manual_seed(0)
     model = build_tokenizer(kind, **CONFIGS[kind]).eval()
-    save_tokenizer(model, kind, {
+    save_model(model, "tokenizer", kind, {
         "latent_shape": list(model.latent_shape),
         "latent_dtype": str(model.latent_dtype).removeprefix("torch."),
         "encode_window": window,
@@ -98,7 +98,7 @@ def test_outputs_are_reproducible_and_refuse_mismatched_frames(frames, tmp_path)
     with pytest.raises(ValueError, match=r"small.zarr: frames are \(8, 8, 3\) but the tokenizer .* \(16, 16, 3\)"):
         stage.run(stage.Config(), other, tmp_path / "tok", tmp_path / "c.zarr", TINY_STORE)
     assert not (tmp_path / "c.zarr").exists()
-    with pytest.raises(FileNotFoundError, match="no tokenizer here"):
+    with pytest.raises(CheckpointError, match="no tokenizer model here"):
         stage.run(stage.Config(), path, tmp_path / "missing", tmp_path / "c.zarr", TINY_STORE)
 
 

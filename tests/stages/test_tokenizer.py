@@ -9,11 +9,12 @@ import pytest
 import torch
 import yaml
 
-from pipeline.checkpoint import load_tokenizer, load_torch, read_tokenizer_meta
+from pipeline.checkpoint import load_model, load_torch, read_meta
 from pipeline.config import ParamsError
-from pipeline.image_metrics import lpips_or_reason
+from pipeline.evaluation import held_out_windows, reconstruct
+from pipeline.image_metrics import lpips_or_reason, psnr
 from pipeline.reader import LoaderConfig
-from pipeline.store import StoreConfig, write_episode_store
+from pipeline.store import EpisodeStore, StoreConfig, write_episode_store
 from stages import tokenizer as stage
 from stages.tokenizer import Config
 
@@ -66,10 +67,10 @@ def test_quantize_measures_its_reconstruction_against_the_baselines(frames_path,
     assert metrics["val_episodes"] == 2 and metrics["eval_frames"] == 16
     if lpips_or_reason()[0] is None:
         assert metrics["lpips"] == "n/a" and "lpips" in metrics["lpips_reason"]
-    meta = read_tokenizer_meta(tmp_path / "tok")
+    meta = read_meta(tmp_path / "tok", "tokenizer")
     assert meta["kind"] == "quantize" and meta["latent_shape"] == [8, 8] and meta["latent_dtype"] == "uint8"
     assert meta["frame_shape"] == [16, 16, 1] and meta["encode_window"] == 1
-    model = load_tokenizer(tmp_path / "tok")
+    model, _ = load_model(tmp_path / "tok", "tokenizer")
     assert model.vocab_size == 17 and model.mask_id == 16
 
 
@@ -79,17 +80,16 @@ def test_cnn_trains_saves_and_reloads(frames_path, tmp_path):
     assert metrics["psnr"] > metrics["psnr_mean_image"]
     assert metrics["collapsed"] is False and metrics["collapse_ratio"] > 0.3
     assert not (tmp_path / "work").exists()  # resumable state removed once the run completed
-    meta = read_tokenizer_meta(tmp_path / "tok")
+    meta = read_meta(tmp_path / "tok", "tokenizer")
     assert meta["latent_shape"] == [8, 8, 4] and meta["latent_dtype"] == "float16"
     assert meta["metrics"]["psnr"] == pytest.approx(metrics["psnr"]) and "train_seconds" not in meta["metrics"]
     # the saved weights are plain tensors and reproduce the measured reconstruction
     state = load_torch(tmp_path / "tok" / "model.pt")
     assert all(isinstance(v, torch.Tensor) for v in state.values())
-    model = load_tokenizer(tmp_path / "tok")
-    held_out = stage.held_out_windows(stage.EpisodeStore.open(frames_path),
-                                      np.array(meta["val_episodes"]), 1, 16)
-    recon, target, _ = stage.reconstruct(model, held_out, 8, torch.device("cpu"))
-    assert stage.psnr(recon, target) == pytest.approx(metrics["psnr"], abs=1e-4)
+    model, _ = load_model(tmp_path / "tok", "tokenizer")
+    held_out, _ = held_out_windows(EpisodeStore.open(frames_path), np.array(meta["val_episodes"]), 1, 16)
+    recon, target, _ = reconstruct(model, held_out, 8, torch.device("cpu"))
+    assert psnr(recon, target) == pytest.approx(metrics["psnr"], abs=1e-4)
 
 
 def test_cnn_outputs_are_byte_reproducible(frames_path, tmp_path):
@@ -105,7 +105,7 @@ def test_mae_trains_with_the_mask_curriculum(tmp_path):
     write_episode_store(path, square_episodes(channels=3), TINY_STORE)
     metrics = stage.run(config("mae"), path, tmp_path / "tok", tmp_path / "work", loader=NO_WORKERS)
     assert metrics["kind"] == "mae" and metrics["train_steps"] == 40
-    meta = read_tokenizer_meta(tmp_path / "tok")
+    meta = read_meta(tmp_path / "tok", "tokenizer")
     assert meta["encode_window"] == 2 and meta["latent_shape"] == [4, 8]
     assert metrics["eval_frames"] == 16 and np.isfinite(metrics["psnr"])
 
