@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 # The top-level sections that params.yaml may hold: one per stage, plus shared ones.
 SECTIONS = (
@@ -36,9 +36,37 @@ class ParamsError(ValueError):
 
 
 class StrictModel(BaseModel):
-    """Base for every config: unknown keys are refused, values are validated, instances frozen."""
+    """Base for every config: unknown keys are refused, values are validated, instances frozen.
+
+    One source of truth for defaults: a block given in part keeps the defaults of the field it fills
+    for every key it leaves out. When a field's default is itself a config (e.g. the tokenizer's
+    ``mae.train``, whose default has ``ema_decay: 0.995``), a partial block is merged over that
+    default, not over the generic defaults of the block's class.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_blocks_keep_field_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            default = field.default
+            given = out.get(name, out.get(field.alias) if field.alias else None)
+            if isinstance(default, BaseModel) and isinstance(given, dict):
+                key = name if name in out else field.alias
+                out[key] = deep_merge(default.model_dump(by_alias=True), given)
+        return out
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """``base`` with ``update``'s keys laid over it, recursively for nested mappings."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 M = TypeVar("M", bound=BaseModel)

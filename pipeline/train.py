@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -60,6 +60,12 @@ class TrainConfig(StrictModel):
     seed: int = Field(0, ge=0)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     bf16: bool = Field(True, description="bf16 autocast where supported (CUDA); off on CPU")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.warmup_steps >= self.steps and self.warmup_steps > 0:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps})")
+        return self
 
 
 def resolve_device(name: str) -> torch.device:

@@ -213,6 +213,12 @@ def run(
     """
     store = EpisodeStore.open(frames_path)
     frame_shape = tuple(store.array(FRAMES_KEY).shape[1:])
+    # params that cannot fit these frames fail here, before any work
+    try:
+        model_config(cfg, cfg.kind, frame_shape)
+        build_tokenizer(cfg.kind, **model_config(cfg, cfg.kind, frame_shape))
+    except ValueError as exc:
+        raise ParamsError(f"{where}.{cfg.kind}: {exc} (the frames of {frames_path} are {frame_shape})") from None
     train_cfg = train_config(cfg)
     device = resolve_device(train_cfg.device if train_cfg else "auto")
     lpips_fn, lpips_reason = lpips_or_reason(cfg.lpips_net, device)

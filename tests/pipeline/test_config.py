@@ -68,3 +68,45 @@ def test_repository_params_have_only_known_sections():
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": 1, "a.c": [1, 2], "d": "x"}
+
+
+class Train(StrictModel):
+    steps: int = 10
+    ema_decay: float | None = None
+    lr: float = 1e-3
+
+
+class Family(StrictModel):
+    train: Train = Train(steps=99, ema_decay=0.5)   # this family's own defaults
+    width: int = 4
+
+
+class Outer(StrictModel):
+    family: Family = Family(width=8)
+
+
+def test_partial_block_keeps_the_fields_own_defaults():
+    """Guards: a partial `train` block fell back to the generic class defaults (ema_decay None),
+    not to the stage's own (0.5 here; 0.995 for the tokenizer's mae)."""
+    cfg = Family.model_validate({"train": {"lr": 0.1}})
+    assert cfg.train == Train(steps=99, ema_decay=0.5, lr=0.1)
+    nested = Outer.model_validate({"family": {"train": {"steps": 3}}})
+    assert nested.family.width == 8 and nested.family.train == Train(steps=3, ema_decay=0.5)
+    with pytest.raises(Exception, match="unknown key|Extra inputs"):
+        Family.model_validate({"train": {"nope": 1}})
+
+
+def test_tokenizer_partial_train_block_keeps_mae_defaults():
+    from stages.tokenizer import Config
+
+    cfg = Config.model_validate({"kind": "mae", "mae": {"train": {"steps": 100}}})
+    assert cfg.mae.train.ema_decay == 0.995 and cfg.mae.train.steps == 100
+    assert cfg.mae.train.lr == Config().mae.train.lr and cfg.cnn.train.ema_decay is None
+
+
+def test_warmup_must_be_shorter_than_training():
+    from pipeline.train import TrainConfig
+
+    with pytest.raises(Exception, match=r"warmup_steps \(50\) must be smaller than steps \(50\)"):
+        TrainConfig(steps=50, warmup_steps=50)
+    assert TrainConfig(steps=1, warmup_steps=0).steps == 1

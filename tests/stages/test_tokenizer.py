@@ -137,3 +137,13 @@ def test_main_reads_params_and_writes_metrics(frames_path, tmp_path, monkeypatch
     metrics = json.loads((tmp_path / "metrics/tokenizer-mnist.json").read_text())
     assert metrics["kind"] == "quantize" and metrics["collapsed"] is False
     assert (tmp_path / "data/mnist/tokenizer/model.pt").exists()
+
+
+def test_sizes_that_cannot_fit_the_frames_fail_before_any_work(frames_path, tmp_path, monkeypatch):
+    """Guards: a latent size that does not fit the frames failed only after the baselines ran."""
+    calls = []
+    monkeypatch.setattr(stage, "mean_frame", lambda *a, **k: calls.append(1))
+    bad = config("cnn", cnn={**SMALL["cnn"], "latent_size": 5})
+    with pytest.raises(ParamsError, match=r"tokenizer.cnn: cnn latent_size 5 must be image_size 16"):
+        stage.run(bad, frames_path, tmp_path / "tok", tmp_path / "work", loader=NO_WORKERS)
+    assert calls == [] and not (tmp_path / "tok").exists()
