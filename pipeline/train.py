@@ -15,6 +15,7 @@ have seen and its loss curve continues.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import math
@@ -187,6 +188,13 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _wants_ema(loss_fn: Callable) -> bool:
+    try:
+        return "ema" in inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class Trainer:
     """One training run; see ``train``."""
 
@@ -266,7 +274,8 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16(self.cfg, self.device)):
-            loss, parts = loss_fn(self.model, _to_device(batch, self.device), self.step)
+            extra = {"ema": self.ema.model if self.ema else None} if _wants_ema(loss_fn) else {}
+            loss, parts = loss_fn(self.model, _to_device(batch, self.device), self.step, **extra)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; lower train.lr or check the data")
         self.opt.zero_grad(set_to_none=True)
@@ -318,6 +327,8 @@ def train(
     """Train ``model`` for ``cfg.steps`` steps, resuming from ``ckpt_dir`` when it holds a checkpoint.
 
     - ``loss_fn(model, batch, step) -> (loss, parts)``: ``parts`` are floats logged with the loss.
+      A loss function with an ``ema`` parameter also gets the EMA model (None when EMA is off),
+      e.g. as the teacher of shortcut-forcing bootstrap targets.
     - ``batches(start_step)``: the batches of steps ``start_step ..`` in order (``step_batches``).
     - ``evaluate(model, step) -> dict``: scalar metrics, plus optionally ``images`` (an
       (H, W, 3) uint8 grid logged to MLflow); run every ``eval_every`` steps and at the end.
