@@ -53,6 +53,12 @@ def moves(b: int, t: int, seed: int = 0) -> torch.Tensor:
     return 0.1 * torch.randn(b, t, 2, generator=torch.Generator().manual_seed(seed))
 
 
+def expected_mask(kind: str, t: int) -> torch.Tensor:
+    """The frame-to-frame visibility each name means, written out independently of ``temporal_mask``."""
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    return {"causal": j <= i, "bidirectional": (i >= 0) & (j >= 0), "identity": i == j}[kind]
+
+
 def dependence(model: MaskedDynamics, ids, cond, has, temporal) -> torch.Tensor:
     """(B, T, T) bool: [b, i, j] True when changing frame j's tokens changes frame i's logits."""
     b, t = ids.shape[:2]
@@ -121,7 +127,8 @@ def test_temporal_mask_names_what_frames_see(kind):
     ids = tokens(2, 4)
     cond, has = frame_actions(moves(2, 4))
     dep = dependence(model, ids, cond, has, kind)
-    expected = temporal_mask(kind, 4).expand(2, 4, 4)
+    expected = expected_mask(kind, 4).expand(2, 4, 4)
+    assert torch.equal(temporal_mask(kind, 4), expected[0])
     assert torch.equal(dep, expected), f"{kind}: frame i depends on frame j\n{dep[0].int()}"
 
 
@@ -132,7 +139,7 @@ def test_per_sequence_mask_equals_separate_forwards():
     ids = tokens(3, 4)
     cond, has = frame_actions(moves(3, 4))
     kinds = ["causal", "bidirectional", "identity"]
-    masks = torch.stack([temporal_mask(k, 4) for k in kinds])
+    masks = torch.stack([expected_mask(k, 4) for k in kinds])
     with torch.no_grad():
         mixed = model(ids, cond, has, masks)
         for i, k in enumerate(kinds):
@@ -157,7 +164,7 @@ def test_each_objective_applies_the_mask_its_params_name(objective, kind):
     ids = tokens(2, 4)
     inp, _, temporal = masked_objective_batch(ids, objective, torch.Generator().manual_seed(0), lc)
     assert temporal.shape == (2, 4, 4) and temporal.dtype == torch.bool
-    assert torch.equal(temporal, temporal_mask(kind, 4).expand(2, 4, 4))
+    assert torch.equal(temporal, expected_mask(kind, 4).expand(2, 4, 4))
     cond, has = frame_actions(moves(2, 4))
     assert torch.equal(dependence(small_model(), inp, cond, has, temporal), temporal)
 
@@ -168,7 +175,7 @@ def test_mixed_batch_carries_each_sequences_mask():
     _, _, temporal = masked_objective_batch(tokens(4, 5), names, torch.Generator().manual_seed(0), lc)
     expected = {"future": "causal", "joint": "bidirectional", "individual": "identity"}
     for i, name in enumerate(names):
-        assert torch.equal(temporal[i], temporal_mask(expected[name], 5)), name
+        assert torch.equal(temporal[i], expected_mask(expected[name], 5)), name
 
 
 # ---- objectives -------------------------------------------------------------------------------
@@ -376,9 +383,10 @@ def test_rollout_rejects_too_few_actions_and_too_many_frames():
 
 @pytest.mark.parametrize("action_kind", ["continuous", "discrete"])
 def test_action_of_transition_t_conditions_frame_t_plus_1(action_kind):
-    """Guards an off-by-one action alignment and an ignored action: changing the action of
-    transition t (frame t -> t+1) changes the logits of frame t+1 and never those of frames <= t
-    under the causal mask; an action marked invalid changes nothing."""
+    """Guards an off-by-one action alignment, an ignored action and an ignored ``has``: changing
+    the action of transition t (frame t -> t+1) changes the logits of frame t+1 and never those of
+    frames <= t under the causal mask; an action marked invalid changes nothing; "no action" gets
+    its own embedding, not that of a zero move / class 0."""
     model = small_model(action_kind=action_kind)
     b, t = 2, 5
     ids = tokens(b, t)
@@ -405,6 +413,13 @@ def test_action_of_transition_t_conditions_frame_t_plus_1(action_kind):
     other[:, 2] = other[:, 2] + 0.5 if action_kind == "continuous" else (other[:, 2] + 1) % 5
     assert torch.equal(logits(acts, valid), logits(other, valid))
     assert not torch.equal(logits(acts, valid), base)  # no-action embedding differs from action 2's
+    # "no action" is not the zero move (continuous) or class 0 (discrete)
+    zero = torch.zeros_like(acts)
+    cond, has = frame_actions(zero)
+    with torch.no_grad():
+        none = model(ids, cond, torch.zeros_like(has), "causal")
+        zeros = model(ids, cond, torch.ones_like(has), "causal")
+    assert (none - zeros).abs().amax() > 1e-4
 
 
 @pytest.mark.parametrize("cache", [True, False])
@@ -444,7 +459,8 @@ def scrolling_tokens(b: int, t: int, grid: int, seed: int) -> tuple[torch.Tensor
 
 
 def test_overfits_one_small_batch():
-    """Guards a model/loss/masking stack that cannot learn (e.g. targets misaligned with logits):
+    """Guards a model/loss/masking stack that cannot fit one batch (e.g. logits paired with the
+    wrong targets, a cut gradient path):
     on one batch (B=2, T=4, grid 8, patch 2, dim 64) future-prediction masked-token accuracy
     exceeds 0.9 after 150 steps (measured: >= 0.99 on 4 seeds; 2-12 s on one thread, by machine load)."""
     torch.manual_seed(0)
