@@ -95,7 +95,7 @@ def step_index(d: torch.Tensor, k_max: int) -> torch.Tensor:
         back = torch.exp2(i.double()) / k_max
         bad = (i < 0) | (i > int(math.log2(k_max))) | ((back - d.double()).abs() > 1e-6)
         if bad.any():
-            raise ValueError(f"step size {d[bad].flatten()[0].item()} is not on the grid 2**i / k_max "
+            raise ValueError(f"step size {d[bad].flatten()[0].item():.6g} is not on the grid 2**i / k_max "
                              f"with k_max {k_max}")
     return i
 
