@@ -378,7 +378,10 @@ def bootstrap_target(teacher: nn.Module, z_tilde: torch.Tensor, tau: torch.Tenso
 def flow_loss_at(model: nn.Module, teacher: nn.Module | None, z: torch.Tensor, eps: torch.Tensor, levels: Levels,
                  actions: torch.Tensor, has: torch.Tensor, k_max: int) -> tuple[torch.Tensor, dict[str, float]]:
     """The shortcut-forcing loss at given levels and noise (deterministic; ``shortcut_forcing_loss``
-    draws them). ``actions``/``has`` per frame. Returns ``(loss, parts)``.
+    draws them). ``actions``/``has`` per frame. Returns ``(loss, parts)``; parts (floats): ``loss``;
+    ``flow`` / ``bootstrap``: the ramp-weighted loss over the flow / bootstrap rows' target frames
+    (0 where there are none); ``flow_mse``: the flow rows' unweighted |z_hat - z|^2; ``tau_mean``
+    over target frames; ``target_share``: target frames / all frames; ``bootstrap_rows``.
 
     Flow rows: ``|z_hat - z|^2``; bootstrap rows: ``|z_hat - (z_tilde + (1 - tau) b_bar)|^2``
     (``bootstrap_target``, from ``teacher``, or ``model`` itself when None, without gradient). Each
@@ -401,14 +404,15 @@ def flow_loss_at(model: nn.Module, teacher: nn.Module | None, z: torch.Tensor, e
     flow_mask = tmask * (~boot)[:, None]
     boot_mask = tmask * boot[:, None]
     stats = torch.stack([
+        loss,
         (weighted * flow_mask).sum() / flow_mask.sum().clamp(min=1),
         (weighted * boot_mask).sum() / boot_mask.sum().clamp(min=1),
         (per_frame * flow_mask).sum() / flow_mask.sum().clamp(min=1),
         (tau * tmask).sum() / tmask.sum(),
         tmask.mean(),
-    ]).detach().tolist()
-    parts = dict(loss=loss.item(), flow=stats[0], bootstrap=stats[1], flow_mse=stats[2], tau_mean=stats[3],
-                 target_share=stats[4], bootstrap_rows=float(boot.sum().item()))
+        boot.float().sum(),
+    ]).detach().tolist()  # one device sync
+    parts = dict(zip(("loss", "flow", "bootstrap", "flow_mse", "tau_mean", "target_share", "bootstrap_rows"), stats))
     return loss, parts
 
 
@@ -419,9 +423,13 @@ def shortcut_forcing_loss(model: nn.Module, teacher: nn.Module | None, z: torch.
 
     ``actions``: (B, T, ...) per transition, ``valid`` (B, T) bool (see ``frame_actions``);
     ``teacher``: module for the bootstrap targets (an EMA copy), or None for ``model`` itself.
-    Returns ``(loss, parts)``, parts as floats (``loss``, ``flow``, ``bootstrap``, ``flow_mse``,
-    ``tau_mean``, ``target_share``, ``bootstrap_rows``).
+    Draws, in this order from ``generator``: the levels (``sample_levels``), then the noise.
+    All T frames are taken as one episode; ``valid`` only masks actions.
+    Returns ``(loss, parts)`` as ``flow_loss_at``.
     """
+    model_k_max = getattr(getattr(model, "cfg", None), "k_max", cfg.k_max)
+    if model_k_max != cfg.k_max:
+        raise ValueError(f"loss k_max {cfg.k_max} differs from the model's k_max {model_k_max}")
     z = z.float()
     b, t = z.shape[:2]
     levels = sample_levels(b, t, cfg, generator, z.device)
