@@ -1,0 +1,558 @@
+"""Action-conditioned masked-token video transformer (CoPilot4D / MaskGIT style) over discrete frame tokens.
+
+Conventions
+- ``ids``: (B, T, H, W) integer token ids in ``0..levels-1``; ``mask_id = levels`` marks a masked
+  token (input only: MASK is never a predicted class, logits have ``levels`` classes).
+- Actions are stored per transition (``actions[:, t]`` moves frame t to frame t+1);
+  ``models.common.frame_actions`` turns them into frame-aligned ``(cond, has)`` (frame t gets
+  ``actions[:, t-1]``; ``has`` False at frame 0 and after an invalid transition). ``forward`` takes
+  the frame-aligned pair; ``rollout`` takes per-transition actions and calls ``frame_actions``.
+- Temporal mask: bool, True = may attend. A name (``"causal"``, ``"bidirectional"``,
+  ``"identity"``), a (T, T) mask, or a per-sequence (B, T, T) mask (a batch that mixes objectives).
+
+Model (one block = spatial attention within a frame, temporal attention per patch position across
+frames, FFN; pre-norm residual): each sub-token id (MASK included) is embedded, the p*p embeddings of
+a patch are concatenated and projected to ``dim`` (so masking is per sub-token), plus learned spatial
+and temporal position embeddings and the frame's action embedding (a learned no-action embedding
+where ``has`` is False), added at every patch of the frame. The head maps each patch token to p*p*levels
+logits, returned as (B, T, H, W, levels).
+
+Training (CoPilot4D, Zhang et al. 2024, with MaskGIT masking, Chang et al. 2022): one objective per
+sequence, drawn with ``MaskedLossConfig`` weights, so a batch mixes them and the temporal mask is
+per sequence:
+- ``future``: a clean prefix of c ~ U{1..T-1} frames; every later frame masked with its own ratio
+  r ~ U(0.5, 1) (per frame), i.e. ceil(r·H·W) of its tokens;
+- ``joint``: every frame masked with its own ratio r = cos(π/2·u), u ~ U(0, 1) (per frame);
+- ``individual``: as ``joint``, but (by default) under the identity temporal mask.
+The loss is cross-entropy on the masked positions only.
+
+Sampling: MaskGIT iterative unmasking of one frame at a time under the causal mask, with a
+key/value cache so that each unmasking step runs only the new frame.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.common import MLP, SelfAttention, frame_actions, patchify, unpatchify
+
+TEMPORAL_KINDS = ("causal", "bidirectional", "identity")
+OBJECTIVES = ("future", "joint", "individual")
+ACTION_KINDS = ("continuous", "discrete")
+
+
+def temporal_mask(kind: str, t: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The (T, T) bool temporal mask named ``kind`` (True = frame i may attend frame j):
+    causal = j <= i, bidirectional = all, identity = j == i."""
+    if kind == "causal":
+        return torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    if kind == "bidirectional":
+        return torch.ones(t, t, dtype=torch.bool, device=device)
+    if kind == "identity":
+        return torch.eye(t, dtype=torch.bool, device=device)
+    raise ValueError(f"unknown temporal mask {kind!r}; expected one of {TEMPORAL_KINDS}")
+
+
+# --------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MaskedConfig:
+    """Sizes of the masked-token dynamics model. ``mask_id = levels``; vocabulary ``levels + 1``."""
+
+    grid: int = 32  # token grid H = W
+    levels: int = 16  # token classes; MASK id = levels
+    patch: int = 4  # p: a grid x grid frame becomes (grid/p)^2 patch tokens of p*p sub-tokens
+    token_dim: int = 16  # embedding width of one sub-token
+    dim: int = 128
+    heads: int = 4
+    depth: int = 4
+    mlp_ratio: int = 4
+    max_frames: int = 32
+    action_kind: str = "continuous"  # "continuous" (B, T, action_dim) float | "discrete" (B, T) int
+    action_dim: int = 2
+    action_classes: int = 5
+
+    def __post_init__(self):
+        for name in ("grid", "levels", "patch", "token_dim", "dim", "heads", "depth", "mlp_ratio", "max_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.levels < 2:
+            raise ValueError(f"levels must be >= 2, got {self.levels}")
+        if self.grid % self.patch:
+            raise ValueError(f"patch {self.patch} must divide grid {self.grid}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} must be a multiple of heads {self.heads}")
+        if self.action_kind not in ACTION_KINDS:
+            raise ValueError(f"unknown action_kind {self.action_kind!r}; expected one of {ACTION_KINDS}")
+        if self.action_kind == "continuous" and self.action_dim < 1:
+            raise ValueError(f"action_dim must be >= 1, got {self.action_dim}")
+        if self.action_kind == "discrete" and self.action_classes < 1:
+            raise ValueError(f"action_classes must be >= 1, got {self.action_classes}")
+
+    @property
+    def mask_id(self) -> int:
+        return self.levels
+
+    @property
+    def vocab(self) -> int:
+        return self.levels + 1
+
+    @property
+    def patches(self) -> int:
+        """Patch tokens per frame, (grid / patch)^2."""
+        return (self.grid // self.patch) ** 2
+
+
+@dataclass
+class KVCache:
+    """Temporal keys/values of frames 0..frames-1 under the causal mask, one ``(k, v)`` per block,
+    each (B * patches, heads, frames, dim / heads)."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    frames: int
+
+
+class Block(nn.Module):
+    """Spatial attention (within a frame), temporal attention (per patch position), FFN; pre-norm."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.norm_s = nn.LayerNorm(dim)
+        self.spatial = SelfAttention(dim, heads)
+        self.norm_t = nn.LayerNorm(dim)
+        self.temporal = SelfAttention(dim, heads)
+        self.norm_f = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp_ratio)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``x`` (B, T, N, D); ``mask`` None (all frames), (T, T) or (B, T, T) bool; ``is_causal``
+        instead of a mask (then ``past`` frames are all visible). Returns ``(x, (k, v))`` with this
+        call's temporal keys/values, each (B*N, heads, T, D/heads)."""
+        b, t, n, d = x.shape
+        x = x + self.spatial(self.norm_s(x).reshape(b * t, n, d)).view(b, t, n, d)
+        h = self.norm_t(x).transpose(1, 2).reshape(b * n, t, d)
+        if mask is not None and mask.dim() == 3:
+            mask = mask[:, None, None].expand(b, n, 1, t, t).reshape(b * n, 1, t, t)
+        y, kv = self.temporal(h, mask=mask, is_causal=is_causal, past=past, return_kv=True)
+        x = x + y.view(b, n, t, d).transpose(1, 2)
+        x = x + self.mlp(self.norm_f(x))
+        return x, kv
+
+
+class MaskedDynamics(nn.Module):
+    """Masked-token video transformer: ``forward(ids, actions, has, temporal) -> logits``."""
+
+    def __init__(self, cfg: MaskedConfig):
+        super().__init__()
+        self.cfg = cfg
+        p2 = cfg.patch**2
+        self.token = nn.Embedding(cfg.vocab, cfg.token_dim)
+        self.patch_in = nn.Linear(p2 * cfg.token_dim, cfg.dim)
+        self.pos_space = nn.Parameter(torch.randn(cfg.patches, cfg.dim) * 0.02)
+        self.pos_time = nn.Parameter(torch.randn(cfg.max_frames, cfg.dim) * 0.02)
+        if cfg.action_kind == "continuous":
+            self.action = nn.Sequential(nn.Linear(cfg.action_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        else:
+            self.action = nn.Embedding(cfg.action_classes, cfg.dim)
+        self.no_action = nn.Parameter(torch.randn(cfg.dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, p2 * cfg.levels)
+
+    # ---- inputs -----------------------------------------------------------------------------
+
+    def _check_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        if ids.dim() != 4 or ids.shape[-2:] != (c.grid, c.grid):
+            raise ValueError(f"ids must be (B, T, {c.grid}, {c.grid}), got {tuple(ids.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"ids must be an integer tensor, got {ids.dtype}")
+        ids = ids.long()
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi > c.mask_id:
+            raise ValueError(f"token ids must lie in 0..{c.mask_id} (MASK = {c.mask_id}), got {lo}..{hi}")
+        return ids
+
+    def action_embedding(self, actions: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+        """(B, T, dim) embedding of frame-aligned actions; the no-action embedding where ``has`` is False."""
+        c = self.cfg
+        b, t = has.shape
+        if c.action_kind == "continuous":
+            if actions.shape != (b, t, c.action_dim):
+                raise ValueError(f"continuous actions must be (B, T, {c.action_dim}) = {(b, t, c.action_dim)}, "
+                                 f"got {tuple(actions.shape)}")
+            a = self.action(torch.where(has[..., None], actions.float(), 0.0))
+        else:
+            if actions.shape != (b, t) or actions.dtype.is_floating_point:
+                raise ValueError(f"discrete actions must be integer (B, T) = {(b, t)}, "
+                                 f"got {tuple(actions.shape)} {actions.dtype}")
+            a_ids = torch.where(has, actions.long(), 0)
+            if a_ids.numel() and (int(a_ids.min()) < 0 or int(a_ids.max()) >= c.action_classes):
+                raise ValueError(f"discrete actions must lie in 0..{c.action_classes - 1}, "
+                                 f"got {int(a_ids.min())}..{int(a_ids.max())}")
+            a = self.action(a_ids)
+        return torch.where(has[..., None], a, self.no_action.to(a.dtype))
+
+    def embed(self, ids: torch.Tensor, actions: torch.Tensor, has: torch.Tensor, t0: int = 0) -> torch.Tensor:
+        """Patch tokens (B, T, N, dim) of frames t0..t0+T-1."""
+        ids = self._check_ids(ids)
+        b, t = ids.shape[:2]
+        if has.shape != (b, t):
+            raise ValueError(f"has must be (B, T) = {(b, t)}, got {tuple(has.shape)}")
+        if t0 + t > self.cfg.max_frames:
+            raise ValueError(f"{t0 + t} frames exceed max_frames {self.cfg.max_frames}")
+        x = self.patch_in(patchify(self.token(ids), self.cfg.patch))  # (B, T, N, dim)
+        x = x + self.pos_space + self.pos_time[t0 : t0 + t, None]
+        return x + self.action_embedding(actions, has.bool())[:, :, None]
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.cfg.grid
+        return unpatchify(self.head(self.norm(x)), self.cfg.patch, g, g)  # (B, T, H, W, levels)
+
+    def _temporal(self, temporal: str | torch.Tensor, b: int, t: int, device: torch.device) -> torch.Tensor:
+        if isinstance(temporal, str):
+            return temporal_mask(temporal, t, device)
+        m = temporal.to(device)
+        if m.dtype != torch.bool or m.shape not in ((t, t), (b, t, t)):
+            raise ValueError(f"temporal mask must be a name in {TEMPORAL_KINDS}, or bool (T, T) / (B, T, T) = "
+                             f"{(t, t)} / {(b, t, t)}; got {m.dtype} {tuple(m.shape)}")
+        if not bool(m.diagonal(dim1=-2, dim2=-1).all()):
+            raise ValueError("temporal mask must let every frame attend to itself (diagonal all True)")
+        return m
+
+    # ---- forward ----------------------------------------------------------------------------
+
+    def forward(
+        self, ids: torch.Tensor, actions: torch.Tensor, has: torch.Tensor, temporal: str | torch.Tensor = "causal"
+    ) -> torch.Tensor:
+        """Logits (B, T, H, W, levels) over the token classes (MASK excluded) at every position.
+
+        ``ids`` (B, T, H, W) in 0..levels (MASK = levels); ``actions``/``has`` frame-aligned (see
+        ``frame_actions``); ``temporal`` a name, (T, T) or per-sequence (B, T, T) bool mask."""
+        x = self.embed(ids, actions, has)
+        mask = self._temporal(temporal, x.shape[0], x.shape[1], x.device)
+        for blk in self.blocks:
+            x, _ = blk(x, mask=mask)
+        return self._logits(x)
+
+    def forward_cached(
+        self,
+        ids: torch.Tensor,
+        actions: torch.Tensor,
+        has: torch.Tensor,
+        cache: KVCache | None = None,
+        extend: bool = True,
+    ) -> tuple[torch.Tensor, KVCache | None]:
+        """Causal forward of frames appended after the frames held in ``cache`` (none if None).
+
+        Returns ``(logits (B, T, H, W, levels) of these frames, cache)``: with ``extend`` the cache
+        of all frames so far, else the given cache unchanged (an unmasking step of a frame that is
+        not final yet). Equals ``forward(all frames, temporal="causal")`` on these frames."""
+        t0 = 0 if cache is None else cache.frames
+        x = self.embed(ids, actions, has, t0)
+        kvs = []
+        for i, blk in enumerate(self.blocks):
+            past = None if cache is None else cache.kv[i]
+            x, (k, v) = blk(x, is_causal=True, past=past)
+            if extend:
+                kvs.append((k, v) if past is None else (torch.cat([past[0], k], -2), torch.cat([past[1], v], -2)))
+        return self._logits(x), (KVCache(kvs, t0 + x.shape[1]) if extend else cache)
+
+
+# --------------------------------------------------------------------------------------------
+# training objectives
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MaskedLossConfig:
+    """The CoPilot4D objective mix and each objective's temporal mask (a name in TEMPORAL_KINDS)."""
+
+    future_weight: float = 0.5
+    joint_weight: float = 0.4
+    individual_weight: float = 0.1
+    future_temporal: str = "causal"
+    joint_temporal: str = "causal"
+    individual_temporal: str = "identity"
+    future_min_ratio: float = 0.5  # a future frame's mask ratio ~ U(min, max), per frame
+    future_max_ratio: float = 1.0
+
+    def __post_init__(self):
+        w = self.weights
+        if any(x < 0 for x in w) or sum(w) <= 0:
+            raise ValueError(f"objective weights must be >= 0 with a positive sum, got {w}")
+        for name in OBJECTIVES:
+            kind = getattr(self, f"{name}_temporal")
+            if kind not in TEMPORAL_KINDS:
+                raise ValueError(f"{name}_temporal {kind!r} must be one of {TEMPORAL_KINDS}")
+        if not 0 < self.future_min_ratio <= self.future_max_ratio <= 1:
+            raise ValueError(f"need 0 < future_min_ratio <= future_max_ratio <= 1, got "
+                             f"{self.future_min_ratio}, {self.future_max_ratio}")
+
+    @property
+    def weights(self) -> tuple[float, float, float]:
+        return (self.future_weight, self.joint_weight, self.individual_weight)
+
+
+def sample_objectives(batch: int, generator: torch.Generator | None, cfg: MaskedLossConfig) -> list[str]:
+    """One objective name (from OBJECTIVES) per sequence, drawn with ``cfg.weights``."""
+    w = torch.tensor(cfg.weights, dtype=torch.float64)
+    idx = torch.multinomial(w, batch, replacement=True, generator=generator)
+    return [OBJECTIVES[i] for i in idx.tolist()]
+
+
+def masked_objective_batch(
+    ids: torch.Tensor,
+    objective: str | Sequence[str] | None,
+    generator: torch.Generator | None,
+    cfg: MaskedLossConfig,
+    mask_id: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mask a batch of clean token ids (B, T, H, W) for training.
+
+    ``objective``: one name for the whole batch, one name per sequence, or None to draw one per
+    sequence with ``sample_objectives``. A frame masked with ratio r gets exactly ceil(r·H·W) MASK
+    tokens at uniformly random positions (MaskGIT). Returns ``(input_ids, loss_mask, temporal)``:
+    input_ids (B, T, H, W) long with MASK = ``mask_id``; loss_mask (B, T, H, W) bool, True where
+    masked; temporal (B, T, T) bool, each sequence's objective mask from ``cfg``. All on ids' device.
+    """
+    if ids.dim() != 4:
+        raise ValueError(f"ids must be (B, T, H, W), got {tuple(ids.shape)}")
+    b, t, h, w = ids.shape
+    n = h * w
+    dev = ids.device
+    if objective is None:
+        names = sample_objectives(b, generator, cfg)
+    elif isinstance(objective, str):
+        names = [objective] * b
+    else:
+        names = list(objective)
+        if len(names) != b:
+            raise ValueError(f"{len(names)} objectives for a batch of {b}")
+    for name in names:
+        if name not in OBJECTIVES:
+            raise ValueError(f"unknown objective {name!r}; expected one of {OBJECTIVES}")
+    is_future = torch.tensor([name == "future" for name in names], dtype=torch.bool)
+    if bool(is_future.any()) and t < 2:
+        raise ValueError(f"future prediction needs T >= 2 frames (>= 1 context, >= 1 future), got T = {t}")
+
+    u = torch.rand(b, t, generator=generator, dtype=torch.float64)
+    ratio_future = cfg.future_min_ratio + (cfg.future_max_ratio - cfg.future_min_ratio) * u
+    ratio_denoise = torch.cos(0.5 * math.pi * u)  # MaskGIT cosine schedule gamma(u), u ~ U(0, 1)
+    ratio = torch.where(is_future[:, None], ratio_future, ratio_denoise)
+    counts = torch.ceil(ratio * n).long().clamp(1, n)  # every masked frame has >= 1 MASK
+    context = torch.randint(1, max(t, 2), (b,), generator=generator)  # c ~ U{1..T-1}
+    is_context = is_future[:, None] & (torch.arange(t)[None] < context[:, None])
+    counts = counts.masked_fill(is_context, 0)
+
+    scores = torch.rand(b, t, n, generator=generator)
+    rank = scores.argsort(-1).argsort(-1)  # a uniformly random permutation of positions per frame
+    mask = (rank < counts[..., None]).view(b, t, h, w).to(dev)
+    input_ids = ids.long().masked_fill(mask, mask_id)
+
+    kinds = [temporal_mask(getattr(cfg, f"{name}_temporal"), t) for name in OBJECTIVES]
+    temporal = torch.stack(kinds)[[OBJECTIVES.index(name) for name in names]].to(dev)
+    return input_ids, mask, temporal
+
+
+def masked_loss(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    objectives: Sequence[str] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy on the masked positions only, averaged over all masked tokens of the batch.
+
+    ``logits`` (B, T, H, W, levels), ``target_ids`` (B, T, H, W) clean ids, ``loss_mask`` (B, T, H, W)
+    bool. Returns ``(loss, parts)``; parts: ``ce``, ``accuracy`` (argmax on masked tokens),
+    ``masked_fraction``, and with ``objectives`` (one name per sequence) ``ce_<name>`` per objective present.
+    """
+    if logits.shape[:-1] != target_ids.shape or loss_mask.shape != target_ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)}, targets {tuple(target_ids.shape)} and loss_mask "
+                         f"{tuple(loss_mask.shape)} must agree on (B, T, H, W)")
+    m = loss_mask.bool()
+    sel = logits[m].float()  # (M, levels)
+    tgt = target_ids[m].long()
+    if sel.shape[0] == 0:
+        loss = logits.sum() * 0.0
+        return loss, {"ce": 0.0, "accuracy": float("nan"), "masked_fraction": 0.0}
+    ce = F.cross_entropy(sel, tgt, reduction="none")
+    loss = ce.mean()
+    parts = {
+        "ce": loss.item(),
+        "accuracy": (sel.argmax(-1) == tgt).float().mean().item(),
+        "masked_fraction": m.float().mean().item(),
+    }
+    if objectives is not None:
+        seq = torch.arange(m.shape[0], device=m.device)[:, None, None, None].expand_as(m)[m]
+        for name in sorted(set(objectives)):
+            rows = torch.tensor([o == name for o in objectives], device=m.device)[seq]
+            if bool(rows.any()):
+                parts[f"ce_{name}"] = ce[rows].mean().item()
+    return loss, parts
+
+
+# --------------------------------------------------------------------------------------------
+# sampling
+# --------------------------------------------------------------------------------------------
+
+
+def masked_after_step(step: int, steps: int, n: int) -> int:
+    """MaskGIT cosine schedule: tokens still masked after step ``step`` (0-based) of ``steps``,
+    floor(n·cos(π/2·(step+1)/steps)); 0 after the final step."""
+    if step >= steps - 1:
+        return 0
+    return int(math.floor(n * math.cos(0.5 * math.pi * (step + 1) / steps)))
+
+
+@torch.no_grad()
+def maskgit_unmask(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    batch: int,
+    n: int,
+    mask_id: int,
+    steps: int = 20,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    choice_noise: float = 0.0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """MaskGIT iterative decoding of ``batch`` sequences of ``n`` tokens, all MASK at the start.
+
+    ``logits_fn(ids (batch, n)) -> logits (batch, n, levels)``. Each step samples every masked
+    token (softmax at ``temperature``; 0 = argmax), scores it by the log-probability of the sampled
+    token (plus ``choice_noise``·(1 - (k+1)/K)·Gumbel noise when temperature > 0, MaskGIT's annealed
+    choice noise), keeps the ``masked_after_step`` lowest-scored ones masked (at least one token is
+    revealed per step) and fixes the rest; fixed tokens never change; the final step reveals all.
+    Returns (batch, n) long ids in 0..levels-1.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    ids = torch.full((batch, n), mask_id, dtype=torch.long, device=device)
+    for k in range(steps):
+        masked = ids == mask_id
+        n_masked = int(masked[0].sum())
+        if n_masked == 0:
+            break
+        logits = logits_fn(ids).float()
+        logp = logits.log_softmax(-1)
+        if temperature == 0:
+            sampled = logits.argmax(-1)
+        else:
+            probs = (logits / temperature).softmax(-1)
+            sampled = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(batch, n)
+        conf = logp.gather(-1, sampled[..., None])[..., 0]
+        if choice_noise > 0 and temperature > 0:
+            g = torch.rand(conf.shape, generator=generator, device=conf.device).clamp_(1e-20, 1.0)
+            conf = conf + choice_noise * (1.0 - (k + 1) / steps) * -torch.log(-torch.log(g))
+        conf = conf.masked_fill(~masked, float("inf"))
+        keep = max(0, min(masked_after_step(k, steps, n), n_masked - 1))
+        ids = torch.where(masked, sampled, ids)
+        if keep > 0:
+            lowest = conf.argsort(dim=1, stable=True)[:, :keep]
+            ids.scatter_(1, lowest, mask_id)
+    return ids
+
+
+@torch.no_grad()
+def sample_next_frame(
+    model: MaskedDynamics,
+    past_ids: torch.Tensor,
+    cond: torch.Tensor,
+    has: torch.Tensor,
+    steps: int = 20,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    cache: KVCache | None = None,
+    choice_noise: float = 0.0,
+) -> torch.Tensor:
+    """Sample frame t given the clean frames ``past_ids`` (B, t, H, W) under the causal mask.
+
+    ``cond``/``has``: frame-aligned actions covering frames 0..t, (B, >= t+1, ...). With ``cache``
+    (holding exactly frames 0..t-1, from ``forward_cached``) each unmasking step runs only the new
+    frame; without, each step runs all t+1 frames. Returns (B, H, W) long ids in 0..levels-1.
+    """
+    c = model.cfg
+    b, t = past_ids.shape[:2]
+    if cache is not None and cache.frames != t:
+        raise ValueError(f"cache holds {cache.frames} frames but past_ids has {t}")
+    if has.shape[1] < t + 1:
+        raise ValueError(f"frame-aligned actions must cover frames 0..{t}, got {has.shape[1]} frames")
+    past = past_ids.long()
+    cond_t, has_t = cond[:, t : t + 1], has[:, t : t + 1]
+
+    def logits_fn(flat: torch.Tensor) -> torch.Tensor:
+        frame = flat.view(b, 1, c.grid, c.grid)
+        if cache is not None:
+            logits, _ = model.forward_cached(frame, cond_t, has_t, cache, extend=False)
+        else:
+            logits = model(torch.cat([past, frame], 1), cond[:, : t + 1], has[:, : t + 1], "causal")[:, -1:]
+        return logits.reshape(b, c.grid * c.grid, c.levels)
+
+    out = maskgit_unmask(logits_fn, b, c.grid * c.grid, c.mask_id, steps, temperature, generator,
+                         choice_noise, past_ids.device)
+    return out.view(b, c.grid, c.grid)
+
+
+@torch.no_grad()
+def rollout(
+    model: MaskedDynamics,
+    context_ids: torch.Tensor,
+    actions: torch.Tensor,
+    valid: torch.Tensor | None,
+    horizon: int,
+    steps: int = 20,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    cache: bool = True,
+    choice_noise: float = 0.0,
+) -> torch.Tensor:
+    """Predict ``horizon`` frames after ``context_ids`` (B, C, H, W), one frame at a time.
+
+    ``actions``: per transition, (B, >= C+horizon-1, ...) (``actions[:, t]`` moves frame t to t+1);
+    ``valid``: (B, same) bool or None. With ``cache`` the context and each finished frame run once
+    through the model and their temporal keys/values are reused. Returns (B, horizon, H, W) long
+    ids in 0..levels-1 (never MASK).
+    """
+    b, c_len = context_ids.shape[:2]
+    total = c_len + horizon
+    if c_len < 1 or horizon < 1:
+        raise ValueError(f"need >= 1 context frame and horizon >= 1, got C = {c_len}, horizon = {horizon}")
+    if total > model.cfg.max_frames:
+        raise ValueError(f"context {c_len} + horizon {horizon} exceed max_frames {model.cfg.max_frames}")
+    if actions.shape[1] < total - 1:
+        raise ValueError(f"actions cover {actions.shape[1]} transitions, need >= {total - 1} (C + horizon - 1)")
+    acts = actions[:, :total]
+    val = None if valid is None else valid[:, :total]
+    if acts.shape[1] < total:  # the last transition is never used: pad it
+        pad = torch.zeros_like(acts[:, :1])
+        acts = torch.cat([acts, pad], 1)
+        val = None if val is None else torch.cat([val, torch.zeros_like(val[:, :1])], 1)
+    cond, has = frame_actions(acts, val)
+    frames = context_ids.long()
+    kv = model.forward_cached(frames, cond[:, :c_len], has[:, :c_len])[1] if cache else None
+    out = []
+    for i in range(horizon):
+        t = c_len + i
+        nxt = sample_next_frame(model, frames, cond, has, steps, temperature, generator, kv, choice_noise)
+        frames = torch.cat([frames, nxt[:, None]], 1)
+        if cache and i < horizon - 1:
+            kv = model.forward_cached(nxt[:, None], cond[:, t : t + 1], has[:, t : t + 1], kv)[1]
+        out.append(nxt)
+    return torch.stack(out, 1)
