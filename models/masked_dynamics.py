@@ -543,7 +543,7 @@ def rollout(
     through the model and their temporal keys/values are reused. Returns (B, horizon, H, W) long
     ids in 0..levels-1 (never MASK).
     """
-    _b, c_len = context_ids.shape[:2]
+    c_len = context_ids.shape[1]
     total = c_len + horizon
     if c_len < 1 or horizon < 1:
         raise ValueError(f"need >= 1 context frame and horizon >= 1, got C = {c_len}, horizon = {horizon}")
