@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from models.common import MLP, SelfAttention, frame_actions, patchify, sinusoidal_embedding, unpatchify
 
-KV = tuple[torch.Tensor, torch.Tensor]  # one layer's temporal keys and values, each (B, N, heads, T, D/heads)
+KV = tuple[torch.Tensor, torch.Tensor]  # one layer's temporal keys and values, each (B*N, heads, T, D/heads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,11 +127,14 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
         """``x``: (B, T, N, D) tokens, ``c``: (B, T, D) per-frame condition, ``past``: cached temporal
         keys/values of earlier frames. Returns the new tokens and this call's temporal (k, v)."""
+        b, t, n, d = x.shape
         mod = self.ada(F.silu(c)).unsqueeze(2).chunk(9, dim=-1)  # each (B, T, 1, D)
-        x = x + mod[2] * self.spatial(_modulate(self.norm1(x), mod[0], mod[1]))
-        h = _modulate(self.norm2(x), mod[3], mod[4]).transpose(1, 2)  # (B, N, T, D): attend over time
+        # attention on 3-D (batch, sequence, D) views, so SDPA gets 4-D inputs (its fused kernels)
+        h = _modulate(self.norm1(x), mod[0], mod[1]).reshape(b * t, n, d)  # attend within a frame
+        x = x + mod[2] * self.spatial(h).view(b, t, n, d)
+        h = _modulate(self.norm2(x), mod[3], mod[4]).transpose(1, 2).reshape(b * n, t, d)  # over time
         y, kv = self.temporal(h, is_causal=True, past=past, return_kv=True)
-        x = x + mod[5] * y.transpose(1, 2)
+        x = x + mod[5] * y.view(b, n, t, d).transpose(1, 2)
         x = x + mod[8] * self.mlp(_modulate(self.norm3(x), mod[6], mod[7]))
         return x, kv
 
