@@ -19,6 +19,10 @@ One convention, the paper's, everywhere in this file:
 Conditioning is AdaLN-Zero (DiT): per frame, ``c = emb(tau) + emb(d) + emb(action)`` of shape
 (B, T, D) gives each block's shift / scale / gate of its three sub-layers (spatial attention,
 causal temporal attention, MLP); gates and the output layer start at zero.
+
+Limits: temporal positions are learned, so a forward pass (cache included) covers at most
+``max_frames`` frames; ``rollout`` keeps a sliding window of the last ``max_frames - 1`` context
+frames. MAE latents viewed as (N, 1, D) need ``patch=1``.
 """
 from __future__ import annotations
 
@@ -199,7 +203,7 @@ class FlowDynamics(nn.Module):
             if actions.shape != (b, t) or actions.is_floating_point():
                 raise ValueError(f"discrete actions must be integer ids (B, T) = ({b}, {t}), "
                                  f"got {tuple(actions.shape)} {actions.dtype}")
-            emb = self.action_emb(actions.long().clamp(0, self.cfg.action_classes - 1))
+            emb = self.action_emb(actions.long())
         return torch.where(has[..., None], emb, self.no_action.to(emb.dtype))
 
     def condition(self, tau: torch.Tensor, d: torch.Tensor, actions: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
