@@ -107,7 +107,7 @@ def test_guard_names_a_flow_style_url_line(tmp_path):
     text, line = with_flow_url_line((ROOT / "params.yaml").read_text())
     bad = tmp_path / "params.yaml"
     bad.write_text(text)
-    assert read_params(bad) == read_params(ROOT / "params.yaml")  # same values: only the style differs
+    assert yaml.safe_load(text) == yaml.safe_load((ROOT / "params.yaml").read_text())  # only the style differs
     with pytest.raises(ParamsError) as err:
         check_roundtrip(bad)
     msg = str(err.value)
