@@ -21,6 +21,11 @@ as long as needed. The commands themselves still run in parallel; only DVC's boo
 is serialised, which is what DVC requires anyway. (DVC's default lock is an ``fcntl`` lock that
 the kernel releases when its process dies, so a killed run cannot leave a lock to wait on forever;
 with ``core.hardlink_lock`` a killed run's lock file would have to be removed by hand.)
+Measured with DVC 3.67 on 2 busy cores: caching a 2000-file output held the lock 4-6 s, and of 4
+such independent stages at concurrency 2, 2 failed without the option and none with it
+(tests/pipeline/test_dag.py). Running a stage's command outside ``dvc repro`` and then ``dvc
+commit`` would give no more parallelism (DVC already runs commands unlocked) and would duplicate
+DVC's status, run-cache and output handling, so it was not done.
 """
 from __future__ import annotations
 
