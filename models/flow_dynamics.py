@@ -19,6 +19,10 @@ One convention, the paper's, everywhere in this file:
 Conditioning is AdaLN-Zero (DiT): per frame, ``c = emb(tau) + emb(d) + emb(action)`` of shape
 (B, T, D) gives each block's shift / scale / gate of its three sub-layers (spatial attention,
 causal temporal attention, MLP); gates and the output layer start at zero.
+
+Limits: temporal positions are learned, so a forward pass (cache included) covers at most
+``max_frames`` frames; ``rollout`` keeps a sliding window of the last ``max_frames - 1`` context
+frames. MAE latents viewed as (N, 1, D) need ``patch=1``.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 
 from models.common import MLP, SelfAttention, frame_actions, patchify, sinusoidal_embedding, unpatchify
 
-KV = tuple[torch.Tensor, torch.Tensor]  # one layer's temporal keys and values, each (B, N, heads, T, D/heads)
+KV = tuple[torch.Tensor, torch.Tensor]  # one layer's temporal keys and values, each (B*N, heads, T, D/heads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,11 +131,14 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
         """``x``: (B, T, N, D) tokens, ``c``: (B, T, D) per-frame condition, ``past``: cached temporal
         keys/values of earlier frames. Returns the new tokens and this call's temporal (k, v)."""
+        b, t, n, d = x.shape
         mod = self.ada(F.silu(c)).unsqueeze(2).chunk(9, dim=-1)  # each (B, T, 1, D)
-        x = x + mod[2] * self.spatial(_modulate(self.norm1(x), mod[0], mod[1]))
-        h = _modulate(self.norm2(x), mod[3], mod[4]).transpose(1, 2)  # (B, N, T, D): attend over time
+        # attention on 3-D (batch, sequence, D) views, so SDPA gets 4-D inputs (its fused kernels)
+        h = _modulate(self.norm1(x), mod[0], mod[1]).reshape(b * t, n, d)  # attend within a frame
+        x = x + mod[2] * self.spatial(h).view(b, t, n, d)
+        h = _modulate(self.norm2(x), mod[3], mod[4]).transpose(1, 2).reshape(b * n, t, d)  # over time
         y, kv = self.temporal(h, is_causal=True, past=past, return_kv=True)
-        x = x + mod[5] * y.transpose(1, 2)
+        x = x + mod[5] * y.view(b, n, t, d).transpose(1, 2)
         x = x + mod[8] * self.mlp(_modulate(self.norm3(x), mod[6], mod[7]))
         return x, kv
 
@@ -196,7 +203,7 @@ class FlowDynamics(nn.Module):
             if actions.shape != (b, t) or actions.is_floating_point():
                 raise ValueError(f"discrete actions must be integer ids (B, T) = ({b}, {t}), "
                                  f"got {tuple(actions.shape)} {actions.dtype}")
-            emb = self.action_emb(actions.long().clamp(0, self.cfg.action_classes - 1))
+            emb = self.action_emb(actions.long())
         return torch.where(has[..., None], emb, self.no_action.to(emb.dtype))
 
     def condition(self, tau: torch.Tensor, d: torch.Tensor, actions: torch.Tensor, has: torch.Tensor) -> torch.Tensor:

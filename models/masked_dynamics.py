@@ -32,18 +32,27 @@ key/value cache so that each unmasking step runs only the new frame.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from models.common import MLP, SelfAttention, frame_actions, patchify, unpatchify
 
 TEMPORAL_KINDS = ("causal", "bidirectional", "identity")
 OBJECTIVES = ("future", "joint", "individual")
 ACTION_KINDS = ("continuous", "discrete")
+
+
+def _rand(
+    shape: tuple[int, ...], generator: torch.Generator | None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """U[0, 1) numbers drawn on the generator's device (CPU without one): the same stream whatever
+    device the model runs on; callers move the result."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand(shape, generator=generator, dtype=dtype, device=device)
 
 
 def temporal_mask(kind: str, t: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -73,7 +82,7 @@ class MaskedConfig:
     token_dim: int = 16  # embedding width of one sub-token
     dim: int = 128
     heads: int = 4
-    depth: int = 4
+    depth: int = 2
     mlp_ratio: int = 4
     max_frames: int = 32
     action_kind: str = "continuous"  # "continuous" (B, T, action_dim) float | "discrete" (B, T) int
@@ -310,7 +319,8 @@ class MaskedLossConfig:
 
 def sample_objectives(batch: int, generator: torch.Generator | None, cfg: MaskedLossConfig) -> list[str]:
     """One objective name (from OBJECTIVES) per sequence, drawn with ``cfg.weights``."""
-    w = torch.tensor(cfg.weights, dtype=torch.float64)
+    device = generator.device if generator is not None else None
+    w = torch.tensor(cfg.weights, dtype=torch.float64, device=device)
     idx = torch.multinomial(w, batch, replacement=True, generator=generator)
     return [OBJECTIVES[i] for i in idx.tolist()]
 
@@ -350,16 +360,16 @@ def masked_objective_batch(
     if bool(is_future.any()) and t < 2:
         raise ValueError(f"future prediction needs T >= 2 frames (>= 1 context, >= 1 future), got T = {t}")
 
-    u = torch.rand(b, t, generator=generator, dtype=torch.float64)
+    u = _rand((b, t), generator, torch.float64).cpu()
     ratio_future = cfg.future_min_ratio + (cfg.future_max_ratio - cfg.future_min_ratio) * u
     ratio_denoise = torch.cos(0.5 * math.pi * u)  # MaskGIT cosine schedule gamma(u), u ~ U(0, 1)
     ratio = torch.where(is_future[:, None], ratio_future, ratio_denoise)
     counts = torch.ceil(ratio * n).long().clamp(1, n)  # every masked frame has >= 1 MASK
-    context = torch.randint(1, max(t, 2), (b,), generator=generator)  # c ~ U{1..T-1}
+    context = 1 + (_rand((b,), generator, torch.float64).cpu() * max(t - 1, 1)).long()  # c ~ U{1..T-1}
     is_context = is_future[:, None] & (torch.arange(t)[None] < context[:, None])
     counts = counts.masked_fill(is_context, 0)
 
-    scores = torch.rand(b, t, n, generator=generator)
+    scores = _rand((b, t, n), generator).cpu()
     rank = scores.argsort(-1).argsort(-1)  # a uniformly random permutation of positions per frame
     mask = (rank < counts[..., None]).view(b, t, h, w).to(dev)
     input_ids = ids.long().masked_fill(mask, mask_id)
@@ -416,7 +426,12 @@ def masked_after_step(step: int, steps: int, n: int) -> int:
     floor(n·cos(π/2·(step+1)/steps)); 0 after the final step."""
     if step >= steps - 1:
         return 0
-    return int(math.floor(n * math.cos(0.5 * math.pi * (step + 1) / steps)))
+    return math.floor(n * math.cos(0.5 * math.pi * (step + 1) / steps))
+
+
+def _gumbel(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    u = _rand(tuple(shape), generator).to(device).clamp_(1e-20, 1.0 - 1e-7)
+    return -torch.log(-torch.log(u))
 
 
 @torch.no_grad()
@@ -454,13 +469,11 @@ def maskgit_unmask(
         logp = logits.log_softmax(-1)
         if temperature == 0:
             sampled = logits.argmax(-1)
-        else:
-            probs = (logits / temperature).softmax(-1)
-            sampled = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(batch, n)
+        else:  # Gumbel-max: a draw from softmax(logits / temperature)
+            sampled = (logits / temperature + _gumbel(logits.shape, generator, logits.device)).argmax(-1)
         conf = logp.gather(-1, sampled[..., None])[..., 0]
         if choice_noise > 0 and temperature > 0:
-            g = torch.rand(conf.shape, generator=generator, device=conf.device).clamp_(1e-20, 1.0)
-            conf = conf + choice_noise * (1.0 - (k + 1) / steps) * -torch.log(-torch.log(g))
+            conf = conf + choice_noise * (1.0 - (k + 1) / steps) * _gumbel(conf.shape, generator, conf.device)
         conf = conf.masked_fill(~masked, float("inf"))
         keep = max(0, min(masked_after_step(k, steps, n), n_masked - 1))
         ids = torch.where(masked, sampled, ids)
@@ -530,7 +543,7 @@ def rollout(
     through the model and their temporal keys/values are reused. Returns (B, horizon, H, W) long
     ids in 0..levels-1 (never MASK).
     """
-    b, c_len = context_ids.shape[:2]
+    c_len = context_ids.shape[1]
     total = c_len + horizon
     if c_len < 1 or horizon < 1:
         raise ValueError(f"need >= 1 context frame and horizon >= 1, got C = {c_len}, horizon = {horizon}")

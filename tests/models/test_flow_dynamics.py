@@ -415,7 +415,7 @@ def test_rollout_rejects_short_actions():
 
 def test_overfits_one_batch():
     """The flow loss on one fixed batch (B=4, T=4, 4x4x4 latents) falls below 20% of its start
-    within 100 Adam steps (measured: 7-9% over four seeds)."""
+    within 150 Adam steps (measured 2-4% over six seeds of model and data; 7-14% after 100)."""
     torch.manual_seed(0)
     model = FlowDynamics(FlowConfig(**{**TINY, "max_frames": 4}))
     z, actions = latents(4, 4, seed=100), torch.randn(4, 4, 2, generator=torch.Generator().manual_seed(1))
@@ -429,7 +429,7 @@ def test_overfits_one_batch():
     start = evaluate()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
-    for _ in range(100):
+    for _ in range(150):
         loss, _ = shortcut_forcing_loss(model, None, z, actions, None, cfg, g)
         opt.zero_grad()
         loss.backward()

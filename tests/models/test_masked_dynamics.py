@@ -16,17 +16,17 @@ from models.masked_dynamics import (
     MaskedConfig,
     MaskedDynamics,
     MaskedLossConfig,
-    maskgit_unmask,
     masked_after_step,
     masked_loss,
     masked_objective_batch,
+    maskgit_unmask,
     rollout,
     sample_next_frame,
     sample_objectives,
     temporal_mask,
 )
 
-SMALL = dict(grid=8, patch=2, token_dim=8, dim=32, heads=2, depth=2, max_frames=8)
+SMALL = {"grid": 8, "patch": 2, "token_dim": 8, "dim": 32, "heads": 2, "depth": 2, "max_frames": 8}
 MASK = 16
 
 
@@ -79,11 +79,11 @@ def dependence(model: MaskedDynamics, ids, cond, has, temporal) -> torch.Tensor:
 @pytest.mark.parametrize(
     "bad,message",
     [
-        (dict(grid=30, patch=4), "patch 4 must divide grid 30"),
-        (dict(dim=30, heads=4), "dim 30 must be a multiple of heads 4"),
-        (dict(action_kind="joystick"), "unknown action_kind 'joystick'"),
-        (dict(levels=1), "levels must be >= 2, got 1"),
-        (dict(depth=0), "depth must be >= 1, got 0"),
+        ({"grid": 30, "patch": 4}, "patch 4 must divide grid 30"),
+        ({"dim": 30, "heads": 4}, "dim 30 must be a multiple of heads 4"),
+        ({"action_kind": "joystick"}, "unknown action_kind 'joystick'"),
+        ({"levels": 1}, "levels must be >= 2, got 1"),
+        ({"depth": 0}, "depth must be >= 1, got 0"),
     ],
 )
 def test_config_rejects_bad_values(bad, message):
@@ -306,6 +306,18 @@ def test_unmasking_fixes_tokens_and_follows_the_schedule(steps):
     fixed = seen[-1] != MASK
     assert torch.equal(out[fixed], seen[-1][fixed])
     assert len(seen) == steps
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampled_tokens_follow_the_tempered_softmax(temperature):
+    """Guards a sampler that ignores the temperature or draws from the wrong distribution: with
+    K = 1, token frequencies match softmax(logits / temperature)."""
+    n = 20000
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    out = maskgit_unmask(lambda ids: logits.expand(1, n, 4), 1, n, mask_id=4, steps=1, temperature=temperature,
+                         generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(out[0], minlength=4).float() / n
+    torch.testing.assert_close(freq, (logits / temperature).softmax(-1), atol=0.015, rtol=0)
 
 
 @pytest.mark.parametrize("steps", [1, 20])
