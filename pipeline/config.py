@@ -81,6 +81,9 @@ def read_params(path: Path | None = None) -> dict[str, Any]:
     path = Path(path) if path is not None else params_path()
     if not path.exists():
         raise ParamsError(f"{path}: params file not found")
+    from pipeline.params_check import check_roundtrip  # imports this module's ParamsError
+
+    check_roundtrip(path)  # params DVC's `-S` writer would corrupt are refused before any work
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
