@@ -26,6 +26,9 @@ Conventions of this module:
   (``state_kind="tokens"``, any ids < ``state_vocab``, including the frame tokenizer's MASK) or
   ``(B, K+1, h, w, c)`` floats in [-1, 1] (``"continuous"``).
 
+Randomness: every function that draws takes an optional ``torch.Generator``, which must live on
+the device of the data (a CPU generator for CPU tensors, a CUDA one for CUDA tensors).
+
 Also here: ``ActionDiscretizer`` (continuous [dx, dy] to ids and back), and two baselines: the
 marginal action frequencies and ``MLPPolicy`` (a state-conditioned one-step classifier). No file
 I/O: the stage trains, saves and loads these.
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -155,7 +158,7 @@ class PolicyConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PolicyConfig":
+    def from_dict(cls, d: dict[str, Any]) -> PolicyConfig:
         return _from_dict(cls, d)
 
 
@@ -264,8 +267,10 @@ class StateEncoder(nn.Module):
             self.register_buffer("cell_offset", torch.arange(p * p) * cfg.state_vocab, persistent=False)
         else:
             self.proj = nn.Linear(p * p * cfg.state_shape[2], cfg.dim)
-        self.frame_emb = nn.Parameter(torch.randn(cfg.state_frames, 1, cfg.dim) * 0.02)
-        self.pos_emb = nn.Parameter(torch.randn(1, self.n_patches, cfg.dim) * 0.02)
+        # unit-scale frame and patch-position embeddings, the scale of the patch contents: at 0.02 the
+        # LayerNorm below all but erased where a patch is, and policies could not learn "where"
+        self.frame_emb = nn.Parameter(torch.randn(cfg.state_frames, 1, cfg.dim))
+        self.pos_emb = nn.Parameter(torch.randn(1, self.n_patches, cfg.dim))
         self.blocks = nn.ModuleList(_Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.state_depth))
         self.norm = nn.LayerNorm(cfg.dim)
 
@@ -635,7 +640,7 @@ class DiscretizerConfig:
     iters: int = 100             # codebook: Lloyd iterations (at most)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DiscretizerConfig":
+    def from_dict(cls, d: dict[str, Any]) -> DiscretizerConfig:
         return _from_dict(cls, d)
 
 
@@ -688,7 +693,7 @@ class ActionDiscretizer:
 
     # -- fit ---------------------------------------------------------------------------------
 
-    def fit(self, actions) -> "ActionDiscretizer":
+    def fit(self, actions) -> ActionDiscretizer:
         a, _ = _as_numpy(actions)
         a = a.reshape(-1, 2).astype(np.float64)
         a = a[np.isfinite(a).all(axis=1)]
@@ -816,7 +821,7 @@ class ActionDiscretizer:
         return d
 
     @classmethod
-    def from_state_dict(cls, d: dict[str, Any]) -> "ActionDiscretizer":
+    def from_state_dict(cls, d: dict[str, Any]) -> ActionDiscretizer:
         obj = cls(DiscretizerConfig.from_dict(d["config"]))
         if obj.cfg.mode == "bins":
             obj.edges = np.asarray([math.inf if e == "inf" else float(e) for e in d["edges"]], dtype=np.float64)
@@ -831,6 +836,7 @@ class ActionDiscretizer:
 # --------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def sequence_metrics(logits: torch.Tensor, actions: torch.Tensor) -> dict[str, float]:
     """Metrics of per-position predictive distributions ``logits`` (B, H, n) against ``actions``
     (B, H): ``nll`` (mean -log p per action token, nats) and ``first_action_acc`` (argmax at
@@ -883,7 +889,7 @@ class MLPPolicyConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MLPPolicyConfig":
+    def from_dict(cls, d: dict[str, Any]) -> MLPPolicyConfig:
         return _from_dict(cls, d)
 
 
