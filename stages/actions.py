@@ -26,16 +26,21 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import Field, field_validator
 from tqdm import tqdm
 
 from pipeline import motion
+from pipeline.atomic import write_json
 from pipeline.cli import run_stage
 from pipeline.config import StrictModel, load_section
-from pipeline.atomic import write_json
+from pipeline.ego import (
+    GameplayActionsConfig,
+    MnistActionsConfig,
+    camera_motion,
+    play_area,
+    transition_actions,
+)
 from pipeline.paths import DATASETS, actions_store, frames_store, metrics_path
 from pipeline.store import EpisodeStore, EpisodeStoreWriter, StoreConfig
 from pipeline.tracking import stage_run
@@ -44,49 +49,11 @@ log = logging.getLogger(__name__)
 
 
 
-class MnistActionsConfig(StrictModel):
-    """``actions.mnist`` of params.yaml."""
-
-    tracked_digit: int = Field(0, ge=0, description="which digit of each sequence is the ego")
-    method: Literal["auto", "truth", "tracker"] = "auto"
-    tracker_search: int = Field(8, gt=0, le=32, description="tracker search radius in pixels")
-
-
-class GameplayActionsConfig(StrictModel):
-    """``actions.gameplay`` of params.yaml."""
-
-    method: Literal["block_matching", "phase_correlation"] = "block_matching"
-    play_area: tuple[float, float, float, float] = (0.0, 0.78, 0.0, 1.0)
-    mask_centre: bool = Field(True, description="leave the player's centre tile out of the estimate")
-    max_shift: int = Field(8, gt=0, description="largest shift searched, pixels")
-    window: bool = Field(False, description="phase correlation: Hann window")
-    subpixel: bool = Field(True, description="parabolic sub-pixel refinement of the best shift")
-    move_threshold: float = Field(0.5, gt=0, description="|shift| in tiles that counts as a move")
-    tile_px: float = Field(7.1, gt=0, description="pixels per tile in the frames")
-    ambiguous_tol: float = Field(0.5, ge=0, description="grey levels under which the scene is unchanged")
-
-    @field_validator("play_area")
-    @classmethod
-    def _area(cls, area: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
-        top, bottom, left, right = area
-        if not (0 <= top < bottom <= 1 and 0 <= left < right <= 1):
-            raise ValueError(f"needs 0 <= top < bottom <= 1 and 0 <= left < right <= 1, got {list(area)}")
-        return area
-
-
 CONFIGS: dict[str, type[StrictModel]] = {"mnist": MnistActionsConfig, "gameplay": GameplayActionsConfig}
 
 
 # ---------------------------------------------------------------------------------------------
 # shared
-
-
-def transition_actions(delta: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Per-frame pixel motions ``(T-1, 2)`` of one episode → ``actions`` ``(T, 2)`` float32,
-    normalised by (W/2, H/2), 0 at the last frame."""
-    out = np.zeros((len(delta) + 1, 2), np.float32)
-    out[:-1] = np.asarray(delta, np.float64) / (width / 2, height / 2)
-    return out
 
 
 def last_invalid(t: int) -> np.ndarray:
@@ -188,31 +155,14 @@ def _tracker_metrics(errors: list[np.ndarray], width: int, height: int) -> dict:
 # gameplay
 
 
-def estimate_shifts(cfg: GameplayActionsConfig, area: np.ndarray) -> np.ndarray:
-    """Content shifts ``(T-1, 2)`` pixels between consecutive play-area crops ``(T, h, w, 3)``."""
-    gray = motion.to_gray(area)
-    h, w = gray.shape[1:]
-    mask = motion.centre_mask(h, w, cfg.tile_px) if cfg.mask_centre else None
-    if cfg.method == "block_matching":
-        return motion.block_matching(gray[:-1], gray[1:], max_shift=cfg.max_shift, mask=mask, subpixel=cfg.subpixel)
-    return motion.phase_correlation(
-        gray[:-1], gray[1:], max_shift=cfg.max_shift, mask=mask, window=cfg.window, subpixel=cfg.subpixel
-    )
-
-
 def run_gameplay(cfg: GameplayActionsConfig, src: Path, out: Path, store_cfg: StoreConfig | None = None) -> dict:
     """Camera motion of every transition of ``src``, written to ``out``; the metrics (accuracy
     against Crafter's true moves when the store has them)."""
     store = EpisodeStore.open(src)
     has_truth = bool(store.attrs.get("has_truth")) and "player_pos" in store.keys
     h, w = store.array("frames").shape[1:3]
-    top, bottom, left, right = motion.area_bounds(h, w, cfg.play_area)
-    if min(bottom - top, right - left) // 2 <= cfg.max_shift:
-        raise ValueError(
-            f"actions.gameplay.max_shift = {cfg.max_shift} is too large for the {bottom - top}x{right - left} play area"
-        )
+    top, bottom, left, right = play_area(cfg, h, w)
     scene = motion.centre_mask(bottom - top, right - left, cfg.tile_px)
-    threshold = cfg.move_threshold * cfg.tile_px
     preds, trues, ambiguous = [], [], []
     attrs = {"method": cfg.method, "width": w, "height": h}
     with EpisodeStoreWriter(out, store_cfg, attrs=attrs) as writer:
@@ -220,9 +170,9 @@ def run_gameplay(cfg: GameplayActionsConfig, src: Path, out: Path, store_cfg: St
             frames = store.array("frames")[store.episode_slice(i)]
             area = frames[:, top:bottom, left:right]
             t = len(frames)
-            camera = -estimate_shifts(cfg, area) if t > 1 else np.zeros((0, 2), np.float32)
+            camera, classes = camera_motion(cfg, frames)
             cls = np.full(t, -1, np.int8)
-            cls[:-1] = motion.shift_classes(camera, threshold)
+            cls[:-1] = classes
             writer.add_episode(actions=transition_actions(camera, w, h), valid=last_invalid(t), action_class=cls)
             preds.append(cls[:-1])
             if has_truth:
