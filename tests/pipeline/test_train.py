@@ -22,6 +22,7 @@ from pipeline.train import (
     STATE_JSON,
     TrainConfig,
     lr_at,
+    run_dir,
     step_batches,
     train,
 )
@@ -104,9 +105,10 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
 
     part = fit(tmp_path / "run", c, stop_after=7)  # dies at step 7; last checkpoint at step 5
     assert part.stopped_early and part.step == 7
-    saved = torch.load(tmp_path / "run" / STATE, weights_only=True)
+    assert part.ckpt_dir == run_dir(tmp_path / "run", c, {"run": 1}) and part.ckpt_dir.parent == tmp_path / "run"
+    saved = torch.load(part.ckpt_dir / STATE, weights_only=True)
     assert saved["step"] == 5
-    assert json.loads((tmp_path / "run" / STATE_JSON).read_text())["step"] == 5
+    assert json.loads((part.ckpt_dir / STATE_JSON).read_text())["step"] == 5
 
     resumed = fit(tmp_path / "run", c)
     assert resumed.resumed_from == 5 and resumed.step == full.step == 12
@@ -128,6 +130,7 @@ def _session(ckpt: str) -> None:
 
 def test_run_killed_by_sigkill_resumes(tmp_path):
     ckpt = tmp_path / "ckpt"
+    state_dir = run_dir(ckpt, cfg(steps=40, ckpt_every=2, eval_every=100), {"run": 1})
     proc = subprocess.Popen(
         [sys.executable, "-c", f"from tests.pipeline.test_train import _session; _session({str(ckpt)!r})"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -135,7 +138,7 @@ def test_run_killed_by_sigkill_resumes(tmp_path):
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
-            meta = ckpt / STATE_JSON
+            meta = state_dir / STATE_JSON
             if meta.exists() and json.loads(meta.read_text())["step"] >= 4:
                 break
             time.sleep(0.05)
@@ -144,7 +147,7 @@ def test_run_killed_by_sigkill_resumes(tmp_path):
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    killed_at = torch.load(ckpt / STATE, weights_only=True)["step"]
+    killed_at = torch.load(state_dir / STATE, weights_only=True)["step"]
     assert 4 <= killed_at < 40
     resumed = fit(ckpt, cfg(steps=40, ckpt_every=2, eval_every=100))
     assert resumed.resumed_from == killed_at and resumed.step == 40
