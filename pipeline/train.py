@@ -52,7 +52,8 @@ STATE = "state.pt"
 STATE_JSON = "state.json"
 STATE_KEYS = ("step", "config", "model", "ema", "optimizer", "rng_cpu", "rng_cuda", "history", "evals")
 
-# The run directories this process trained in, by base directory: what ``clear_checkpoint`` removes.
+# The run directories of the runs this process completed, by base directory: what
+# ``clear_checkpoint`` removes.
 _RUN_DIRS: dict[Path, set[Path]] = {}
 
 
@@ -398,7 +399,6 @@ def train(
     run is reproducible; the resumed run restores the RNG state of its checkpoint.
     """
     trainer = Trainer(model, cfg, Path(ckpt_dir), config, run)
-    _RUN_DIRS.setdefault(trainer.base_dir.resolve(), set()).add(trainer.ckpt_dir.resolve())
     resumed = trainer.try_resume()
     start = trainer.step
     if not resumed:
@@ -432,17 +432,20 @@ def train(
         bar.close()
     if evaluate is not None and not stopped and (not trainer.evals or trainer.evals[-1]["step"] != trainer.step):
         trainer.evaluate(evaluate)  # a run resumed at its final step still reports
+    if not stopped:
+        _RUN_DIRS.setdefault(trainer.base_dir.resolve(), set()).add(trainer.ckpt_dir.resolve())
     out = trainer.eval_model.eval()
     return TrainResult(out, trainer.step, trainer.history, trainer.evals, start, stopped, trainer.ckpt_dir)
 
 
 def clear_checkpoint(ckpt_dir: Path | str) -> None:
-    """Remove the resumable state of the runs this process trained under the base ``ckpt_dir``
-    (call it after the run's final outputs are written), and ``ckpt_dir`` itself once it is empty.
+    """Remove the state of the runs this process completed under the base ``ckpt_dir`` (call it
+    after the run's final outputs are written), and ``ckpt_dir`` itself once it is empty.
 
     The state of other runs there (other configs, perhaps running now in another experiment, or
-    killed and waiting to be resumed) is kept. ``ckpt_dir`` may also be a run's own directory
-    (``TrainResult.ckpt_dir``); a checkpoint of the old flat layout (``ckpt_dir/state.pt``) is removed.
+    killed and waiting to be resumed, or stopped early in this process) is kept. ``ckpt_dir`` may
+    also be a run's own directory (``TrainResult.ckpt_dir``); a checkpoint of the old flat layout
+    (``ckpt_dir/state.pt``) is removed.
     """
     base = Path(ckpt_dir).resolve()
     for d in _RUN_DIRS.pop(base, set()):
