@@ -281,6 +281,8 @@ class Trainer:
             return f"it is not a training state of pipeline.train (no {', '.join(missing)})"
         if state["config"] != self.config_key:
             return "it is the checkpoint of a different config"
+        if not isinstance(state["step"], int) or not isinstance(state["rng_cpu"], torch.Tensor):
+            return "its step or RNG state is not of a training state of pipeline.train"
         why = _mismatch(self.model.state_dict(), state["model"], "model")
         if why is None and self.ema:
             why = _mismatch(self.ema.model.state_dict(), state["ema"], "EMA")
