@@ -15,7 +15,9 @@ chunk through an LRU of decompressed chunks, so windows sharing a chunk decompre
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -23,13 +25,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import zarr
 from pydantic import Field
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
 from pipeline.config import StrictModel
-from pipeline.store import EpisodeStore
+from pipeline.store import EpisodeStore, StoreArray
 
 
 class LoaderConfig(StrictModel):
@@ -119,14 +120,15 @@ def _normalise_sources(sources: Sources) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _slab_frames(arr: zarr.Array, at_least: int = 1) -> int:
+def _slab_frames(arr: StoreArray, at_least: int = 1) -> int:
     """A chunk-aligned read length: the shard (or chunk) length, a multiple of it >= ``at_least``."""
     unit = int((arr.shards or arr.chunks)[0])
     return unit * max(1, -(-at_least // unit))
 
 
-def _read_all(arr: zarr.Array) -> np.ndarray:
-    """The whole array, read in chunk-aligned slabs into one preallocated buffer."""
+def _read_all(arr: StoreArray) -> np.ndarray:
+    """The whole array, read in chunk-aligned slabs into one preallocated buffer (``StoreCorrupt``
+    when the store is damaged)."""
     out = np.empty(arr.shape, dtype=arr.dtype)
     slab = _slab_frames(arr)
     for s in range(0, arr.shape[0], slab):
@@ -143,7 +145,8 @@ class ChunkCache:
         self.hits = 0
         self.misses = 0
 
-    def read(self, name: str, arr: zarr.Array, start: int, end: int) -> np.ndarray:
+    def read(self, name: str, arr: StoreArray, start: int, end: int) -> np.ndarray:
+        """Rows ``[start, end)`` of ``arr`` (``StoreCorrupt`` when a chunk of it is damaged)."""
         cf = int(arr.chunks[0])
         parts = []
         for c in range(start // cf, (end - 1) // cf + 1):
@@ -151,7 +154,7 @@ class ChunkCache:
             parts.append(chunk[max(start - c * cf, 0) : min(end - c * cf, cf)])
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
-    def _chunk(self, name: str, arr: zarr.Array, c: int, cf: int) -> np.ndarray:
+    def _chunk(self, name: str, arr: StoreArray, c: int, cf: int) -> np.ndarray:
         key = (name, c)
         chunk = self.chunks.get(key)
         if chunk is not None:
@@ -201,14 +204,12 @@ class WindowDataset(Dataset):
         self.__dict__.update(self._no_process_state())
 
     def _read_meta(self) -> tuple[np.ndarray, int]:
-        """Check the sources (keys exist, same episode_ends, full length); return ends and total bytes."""
+        """Check the sources (keys exist, same episode_ends; ``EpisodeStore.open`` checks each
+        array's length); return ends and total bytes."""
         stores = {path: EpisodeStore.open(path) for path, _ in self.sources.values()}
         nbytes = 0
         for path, key in self.sources.values():
-            store, arr = stores[path], stores[path].array(key)
-            if arr.shape[0] != store.n_frames:
-                raise ValueError(f"{path}: array '{key}' has {arr.shape[0]} frames, episode_ends say {store.n_frames}")
-            nbytes += arr.nbytes
+            nbytes += stores[path].array(key).nbytes
         (path0, store0), *rest = stores.items()
         for path, store in rest:
             if not np.array_equal(store.episode_ends, store0.episode_ends):
@@ -218,7 +219,7 @@ class WindowDataset(Dataset):
     # -- per-process state: never pickled, reopened in each process ---------------------------
     @staticmethod
     def _no_process_state() -> dict[str, Any]:
-        """Opened in this process: ``_pid``; zarr arrays or loaded numpy arrays; the chunk LRU."""
+        """Opened in this process: ``_pid``; store arrays or loaded numpy arrays; the chunk LRU."""
         return {"_pid": None, "_arrays": {}, "_cache": None}
 
     def __getstate__(self) -> dict:
@@ -248,8 +249,33 @@ class WindowDataset(Dataset):
         return {name: self._cache.read(name, arr, start, end) for name, arr in self._arrays.items()}
 
 
+def exit_with_parent() -> threading.Thread | None:
+    """In a child process: start a daemon thread that ends this process (``os._exit``) as soon as
+    its parent is gone. Returns the thread, or None in a process that has no parent process.
+
+    The thread blocks on ``multiprocessing.parent_process().sentinel``, the read end of a pipe whose
+    only write end the parent holds: it reaches EOF when the parent exits or is killed (SIGKILL
+    included), also under ``forkserver``, where the OS parent is the forkserver. ``os._exit``, not a
+    clean exit: the worker's result queue may be blocked on a pipe that nobody reads any more.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return None
+    sentinel = parent.sentinel
+
+    def watch() -> None:
+        multiprocessing.connection.wait([sentinel])
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
+
+
 def _init_worker(worker_id: int) -> None:
-    """Seed numpy per worker and open (load) the dataset before the first batch is asked for."""
+    """Tie the worker's life to the stage's, seed numpy per worker and open (load) the dataset
+    before the first batch is asked for."""
+    exit_with_parent()
     info = get_worker_info()
     np.random.seed(info.seed % 2**32)
     opener = getattr(info.dataset, "open", None)
@@ -276,7 +302,8 @@ def make_loader(
     drop_last: bool = False,
 ) -> DataLoader:
     """A DataLoader over ``dataset``: seeded order; workers (forkserver or spawn, never fork) that
-    persist across epochs and open the dataset before their first batch."""
+    persist across epochs, open the dataset before their first batch and exit as soon as the
+    process that made the loader is gone (also after a SIGKILL)."""
     cfg = cfg or LoaderConfig()
     workers = cfg.num_workers
     return DataLoader(
@@ -298,7 +325,7 @@ def iter_batches(
     """All frames of ``key`` in order, as ``(start, array of up to batch_size frames)``.
 
     The store is read in chunk-aligned slabs (each chunk decompressed once); batches are exactly
-    ``batch_size`` frames except the last.
+    ``batch_size`` frames except the last. A damaged store raises ``StoreCorrupt``.
     """
     if batch_size < 1:
         raise ValueError(f"iter_batches: batch_size must be >= 1 (got {batch_size})")

@@ -6,15 +6,25 @@ EMA of the weights, fixed seeds, tqdm progress, MLflow metrics every ``log_every
 evaluations (with an image grid) every ``eval_every`` steps.
 
 Every ``ckpt_every`` steps the whole training state (model, EMA, optimizer, RNG, step, history) is
-written atomically to ``<ckpt_dir>/state.pt`` as plain state dicts, loaded back with
-``torch.load(..., weights_only=True)``, plus a readable ``state.json``. A run that was killed
-resumes from its last checkpoint when started again with the same config: the data order is a
-function of the step (``step_batches``), so the resumed run sees the batches the killed one would
-have seen and its loss curve continues.
+written atomically to ``<ckpt_dir>/<run key>/state.pt`` as plain state dicts, loaded back with
+``torch.load(..., weights_only=True)``, plus a readable ``state.json``. The run key
+(``run_key``) is a hash of the run's configs (the ``TrainConfig`` and the caller's ``config``), so
+runs of different configs sharing one ``ckpt_dir`` (experiments queued or run side by side) never
+touch each other's state. A run that was killed resumes from its last checkpoint when started
+again with the same configs, from any working directory (``pipeline.paths.checkpoint_dir`` puts
+``ckpt_dir`` under the main repository, also for ``dvc exp run --temp``/``--queue``): the data order
+is a function of the step (``step_batches``), so the resumed run sees the batches the killed one
+would have seen and its loss curve continues.
+
+A checkpoint that cannot be resumed is never trusted and never fatal: an unreadable file, a file
+that is not a training state of this loop (another program's state dict, an older layout), one
+whose weights do not fit the model, or one of another config. The run logs a warning naming the
+file and why, starts afresh and replaces the file at its first checkpoint.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import json
 import logging
@@ -33,7 +43,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from pipeline.atomic import write_json
-from pipeline.checkpoint import load_torch, save_torch
+from pipeline.checkpoint import CheckpointError, load_torch, save_torch
 from pipeline.config import StrictModel
 from pipeline.reader import LoaderConfig, make_loader
 
@@ -41,6 +51,11 @@ log = logging.getLogger(__name__)
 
 STATE = "state.pt"
 STATE_JSON = "state.json"
+STATE_KEYS = ("step", "config", "model", "ema", "optimizer", "rng_cpu", "rng_cuda", "history", "evals")
+
+# The run directories of the runs this process completed, by base directory: what
+# ``clear_checkpoint`` removes.
+_RUN_DIRS: dict[Path, set[Path]] = {}
 
 
 class TrainConfig(StrictModel):
@@ -164,6 +179,32 @@ def _config_key(cfg: TrainConfig, config: Any) -> str:
     return json.dumps({"train": cfg.model_dump(mode="json"), "run": config}, sort_keys=True, default=str)
 
 
+def run_key(cfg: TrainConfig, config: Any = None) -> str:
+    """The name of a run's checkpoint directory under ``ckpt_dir``: 16 hex digits of the sha256 of
+    its canonical configs. ``config`` should describe what is trained (params, a fingerprint of the
+    data), not where: a path of the workspace in it would keep an experiment from resuming in
+    another workspace."""
+    return hashlib.sha256(_config_key(cfg, config).encode()).hexdigest()[:16]
+
+
+def run_dir(ckpt_dir: Path | str, cfg: TrainConfig, config: Any = None) -> Path:
+    """Where ``train(..., cfg, ckpt_dir, config=config)`` keeps its resumable state."""
+    return Path(ckpt_dir) / run_key(cfg, config)
+
+
+def _mismatch(expected: dict, got: Any, what: str) -> str | None:
+    """Why the state dict ``got`` does not fit ``expected`` (keys and shapes), or None."""
+    if not isinstance(got, dict):
+        return f"its {what} is a {type(got).__name__}, not a state dict"
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or extra:
+        return f"its {what} weights do not fit the model (missing {missing[:4]}, unexpected {extra[:4]})"
+    for k, v in expected.items():
+        if getattr(got[k], "shape", None) != v.shape:
+            return f"its {what} weight '{k}' has shape {tuple(getattr(got[k], 'shape', ()))}, the model's {tuple(v.shape)}"
+    return None
+
+
 @dataclass
 class TrainResult:
     model: nn.Module          # the EMA model when EMA is on, else the trained model (eval mode)
@@ -172,6 +213,7 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)    # one row per evaluation
     resumed_from: int = 0     # step the run resumed from (0: fresh start)
     stopped_early: bool = False
+    ckpt_dir: Path | None = None  # the run's own checkpoint directory (``run_dir``)
 
 
 def _fmt(v: Any) -> str:
@@ -196,13 +238,14 @@ def _wants_ema(loss_fn: Callable) -> bool:
 
 
 class Trainer:
-    """One training run; see ``train``."""
+    """One training run; see ``train``. Its state lives in ``run_dir(ckpt_dir, cfg, config)``."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, ckpt_dir: Path, config: Any, run: Any):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.model = model.to(self.device)
-        self.ckpt_dir = Path(ckpt_dir)
+        self.base_dir = Path(ckpt_dir)
+        self.ckpt_dir = run_dir(ckpt_dir, cfg, config)
         self.config_key = _config_key(cfg, config)
         self.config = config
         self.run = run
@@ -243,17 +286,44 @@ class Trainer:
             "step": self.step, "config": self.config, "history": self.history, "evals": self.evals,
         })
 
+    def unusable(self, state: Any) -> str | None:
+        """Why the loaded ``state`` cannot be resumed by this run, or None when it can."""
+        if not isinstance(state, dict):
+            return f"it holds a {type(state).__name__}, not a training state of pipeline.train"
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            return f"it is not a training state of pipeline.train (no {', '.join(missing)})"
+        if state["config"] != self.config_key:
+            return "it is the checkpoint of a different config"
+        if not isinstance(state["step"], int) or not isinstance(state["rng_cpu"], torch.Tensor):
+            return "its step or RNG state is not of a training state of pipeline.train"
+        why = _mismatch(self.model.state_dict(), state["model"], "model")
+        if why is None and self.ema:
+            why = _mismatch(self.ema.model.state_dict(), state["ema"], "EMA")
+        if why is None:
+            groups = state["optimizer"].get("param_groups") if isinstance(state["optimizer"], dict) else None
+            ours = [len(g["params"]) for g in self.opt.param_groups]
+            if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups] != ours:
+                why = "its optimizer state does not fit the model's parameters"
+        return why
+
     def try_resume(self) -> bool:
+        """Restore the state saved in ``ckpt_dir`` when there is one this run can resume; True if so.
+
+        A file that cannot be resumed (``unusable``, or unreadable) is logged as a warning naming
+        it and the run starts afresh, replacing it at its first checkpoint.
+        """
         path = self.ckpt_dir / STATE
         if not path.exists():
             return False
         try:
             state = load_torch(path, self.device)
-        except Exception as exc:  # a corrupt file: start afresh rather than fail
-            log.warning("%s: unreadable checkpoint (%s); starting afresh", path, exc)
+        except CheckpointError as exc:  # truncated, not a torch file, objects weights_only refuses
+            log.warning("%s; starting afresh (it is replaced at the first checkpoint)", exc)
             return False
-        if state["config"] != self.config_key:
-            log.warning("%s: checkpoint of a different config; starting afresh", path)
+        why = self.unusable(state)
+        if why is not None:
+            log.warning("%s: cannot resume: %s; starting afresh (it is replaced at the first checkpoint)", path, why)
             return False
         self.model.load_state_dict(state["model"])
         if self.ema:
@@ -324,7 +394,13 @@ def train(
     stop_after: int | None = None,
     desc: str = "train",
 ) -> TrainResult:
-    """Train ``model`` for ``cfg.steps`` steps, resuming from ``ckpt_dir`` when it holds a checkpoint.
+    """Train ``model`` for ``cfg.steps`` steps, resuming from its checkpoint under ``ckpt_dir``.
+
+    ``ckpt_dir`` is the stage's base directory (``pipeline.paths.checkpoint_dir``); the run's state
+    lives in ``run_dir(ckpt_dir, cfg, config)``, so runs of other configs under the same base are
+    left alone. A checkpoint there that cannot be resumed is logged as a warning naming the file
+    and the run starts afresh (see the module docstring). ``clear_checkpoint(ckpt_dir)`` removes the
+    state once the caller has written its outputs.
 
     - ``loss_fn(model, batch, step) -> (loss, parts)``: ``parts`` are floats logged with the loss.
       A loss function with an ``ema`` parameter also gets the EMA model (None when EMA is off),
@@ -375,10 +451,30 @@ def train(
         bar.close()
     if evaluate is not None and not stopped and (not trainer.evals or trainer.evals[-1]["step"] != trainer.step):
         trainer.evaluate(evaluate)  # a run resumed at its final step still reports
+    if not stopped:
+        _RUN_DIRS.setdefault(trainer.base_dir.resolve(), set()).add(trainer.ckpt_dir.resolve())
     out = trainer.eval_model.eval()
-    return TrainResult(out, trainer.step, trainer.history, trainer.evals, start, stopped)
+    return TrainResult(out, trainer.step, trainer.history, trainer.evals, start, stopped, trainer.ckpt_dir)
 
 
 def clear_checkpoint(ckpt_dir: Path | str) -> None:
-    """Remove a run's resumable state (after its final outputs are written)."""
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    """Remove the state of the runs this process completed under the base ``ckpt_dir`` (call it
+    after the run's final outputs are written), and ``ckpt_dir`` itself once it is empty.
+
+    The state of other runs there (other configs, perhaps running now in another experiment, or
+    killed and waiting to be resumed, or stopped early in this process) is kept. ``ckpt_dir`` may
+    also be a run's own directory (``TrainResult.ckpt_dir``); a checkpoint of the old flat layout
+    (``ckpt_dir/state.pt``) is removed.
+    """
+    base = Path(ckpt_dir).resolve()
+    for d in _RUN_DIRS.pop(base, set()):
+        shutil.rmtree(d, ignore_errors=True)
+    if (base / STATE).exists() or (base / STATE_JSON).exists():  # a run directory, or the old layout
+        for name in (STATE, STATE_JSON):
+            (base / name).unlink(missing_ok=True)
+        for runs in _RUN_DIRS.values():
+            runs.discard(base)
+    try:
+        base.rmdir()  # only when empty
+    except OSError:
+        pass

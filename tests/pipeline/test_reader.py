@@ -17,7 +17,7 @@ from pipeline.reader import (
     split_episodes,
     window_index,
 )
-from pipeline.store import StoreConfig, write_episode_store
+from pipeline.store import StoreConfig, StoreCorrupt, write_episode_store
 
 LENGTHS = [5, 12, 3, 20, 9]
 TINY = StoreConfig(chunk_frames=4, shard_chunks=2, clevel=1)  # windows cross chunks and shards
@@ -218,3 +218,45 @@ def test_iter_batches_reads_everything_in_order(stores, batch_size):
 def test_loader_defaults_match_params_yaml():
     params = Path(__file__).resolve().parents[2] / "params.yaml"
     assert load_section("loader", LoaderConfig, path=params) == LoaderConfig()
+
+
+# -- damaged stores --------------------------------------------------------------------------
+def _damaged_store(tmp_path) -> Path:
+    """A frames store whose second shard (frames 8..15) is cut in half."""
+    path = write_episode_store(tmp_path / "frames.zarr", [{"frames": _frames(20)}, {"frames": _frames(14)}], TINY)
+    shard = sorted(p for p in (path / "data" / "frames" / "c").rglob("*") if p.is_file())[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return path
+
+
+def _check_message(exc: BaseException, path: Path) -> None:
+    msg = str(exc)
+    assert str(path) in msg and "array 'frames'" in msg and f"dvc checkout --force {path}" in msg, msg
+
+
+@pytest.mark.parametrize("budget_mb", [2048, 0], ids=["in-memory", "chunk-cache"])
+def test_damaged_store_raises_store_corrupt_in_the_main_process(tmp_path, budget_mb):
+    """Guards issue 7: a damaged shard surfaced as zarr's raw checksum error from the reader."""
+    path = _damaged_store(tmp_path)
+    ds = WindowDataset([(path, "frames")], window=4, cfg=LoaderConfig(num_workers=0, memory_budget_mb=budget_mb))
+    with pytest.raises(StoreCorrupt) as info:  # in memory: _read_all at the first item; else ChunkCache
+        for i in range(len(ds)):
+            ds[i]
+    _check_message(info.value, path)
+    with pytest.raises(StoreCorrupt) as info:
+        list(iter_batches(path, "frames", 5))
+    _check_message(info.value, path)
+
+
+@pytest.mark.parametrize("budget_mb", [2048, 0], ids=["in-memory", "chunk-cache"])
+def test_damaged_store_error_survives_from_the_workers(tmp_path, budget_mb):
+    """In DataLoader workers (forkserver) the error reaches the main process as ``StoreCorrupt``
+    with its message: raised in ``worker_init_fn`` (loading into memory) or in ``__getitem__``."""
+    path = _damaged_store(tmp_path)
+    cfg = LoaderConfig(num_workers=2, memory_budget_mb=budget_mb)
+    ds = WindowDataset([(path, "frames")], window=4, cfg=cfg)
+    with pytest.raises(StoreCorrupt) as info:
+        for _ in make_loader(ds, batch_size=4, shuffle=False, seed=0, cfg=cfg):
+            pass
+    _check_message(info.value, path)
+    assert "in DataLoader worker process" in str(info.value)

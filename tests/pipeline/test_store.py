@@ -14,7 +14,9 @@ from pipeline.store import (
     EpisodeStore,
     EpisodeStoreWriter,
     StoreConfig,
+    StoreCorrupt,
     write_episode_store,
+    writer_stage,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,3 +105,130 @@ def test_killed_writer_leaves_no_store_and_next_run_rebuilds(tmp_path):
     s = EpisodeStore.open(out)
     assert s.n_episodes == 6 and s.n_frames == 96
     assert not list(tmp_path.glob(".frames.zarr.tmp-*")), "stale temporary stores are cleaned up"
+
+
+# -- damaged stores: refused at open or at the read, naming the store, the array and the fix ------
+
+
+def _shards(path, name="frames"):
+    return sorted(p for p in (path / "data" / name / "c").rglob("*") if p.is_file())
+
+
+def _damage(shard: Path, how: str) -> None:
+    b = bytearray(shard.read_bytes())
+    if how == "truncated":
+        shard.write_bytes(bytes(b[: len(b) // 2]))
+    elif how == "payload-byte":  # inside a compressed chunk
+        b[len(b) // 4] ^= 0xFF
+        shard.write_bytes(bytes(b))
+    elif how == "index-byte":  # the shard index at the end of the file
+        b[-8] ^= 0xFF
+        shard.write_bytes(bytes(b))
+    elif how == "empty":
+        shard.write_bytes(b"")
+    elif how == "missing":
+        shard.unlink()
+
+
+def _assert_names_store_and_fix(exc: BaseException, path: Path, what: str) -> None:
+    msg = str(exc)
+    assert str(path) in msg and what in msg, msg
+    assert f"dvc checkout --force {path}" in msg and "dvc repro -f -s" in msg, msg
+
+
+@pytest.mark.parametrize("how", ["truncated", "payload-byte", "index-byte"])
+def test_damaged_shard_raises_store_corrupt_on_read(tmp_path, how):
+    """Guards issue 7: a shard cut in half stopped the next stage with zarr's raw "Stored and
+    computed checksum do not match", naming neither the store nor the way out; a flipped byte in a
+    chunk was read back as wrong data without any error (no chunk checksum)."""
+    eps = episodes([9, 7])
+    path = write_episode_store(tmp_path / "s.zarr", eps, SMALL)
+    _damage(_shards(path)[1], how)  # frames 8..15
+    s = EpisodeStore.open(path)
+    np.testing.assert_array_equal(s.array("frames")[:8], eps[0]["frames"][:8])  # other shards read fine
+    with pytest.raises(StoreCorrupt) as info:
+        s.array("frames")[:]
+    _assert_names_store_and_fix(info.value, path, "array 'frames'")
+    assert isinstance(info.value, ValueError)
+    np.testing.assert_array_equal(s.array("pos")[:], np.concatenate([e["pos"] for e in eps]))
+
+
+@pytest.mark.parametrize("how", ["empty", "missing"])
+def test_missing_or_empty_shard_is_refused_at_open(tmp_path, how):
+    """A lost shard file used to read back as zeros (zarr's fill value), silently."""
+    path = write_episode_store(tmp_path / "s.zarr", episodes([9, 7]), SMALL)
+    _damage(_shards(path, "pos")[0], how)
+    with pytest.raises(StoreCorrupt) as info:
+        EpisodeStore.open(path)
+    _assert_names_store_and_fix(info.value, path, "array 'pos'")
+    assert "shard file" in str(info.value)
+
+
+def test_store_cut_short_is_refused_at_open_with_both_lengths(tmp_path):
+    """Guards issue 7: ``EpisodeStore.open`` did not check each array's length against
+    ``meta/episode_ends``, so a store cut short opened and failed (or misread) later."""
+    path = write_episode_store(tmp_path / "s.zarr", episodes([5, 13, 9]), SMALL)
+    zarr.open_array(str(path / "data" / "pos"), mode="r+").resize((20, 2))  # cut to 20 of 27 frames
+    with pytest.raises(StoreCorrupt, match=r"array 'pos'.*has 20 frames, meta/episode_ends says 27 \(3 episodes\)") as info:
+        EpisodeStore.open(path)
+    _assert_names_store_and_fix(info.value, path, "array 'pos'")
+
+
+def test_open_reads_no_data(tmp_path):
+    """The checks of ``open`` use metadata and file sizes only: with every data chunk damaged the
+    store still opens (and each read is refused)."""
+    path = write_episode_store(tmp_path / "s.zarr", episodes([9, 7]), SMALL)
+    for shard in _shards(path) + _shards(path, "pos"):
+        _damage(shard, "payload-byte")
+    s = EpisodeStore.open(path)
+    assert s.n_frames == 16
+    with pytest.raises(StoreCorrupt):
+        s.array("pos")[3]
+
+
+def test_damaged_episode_ends_are_refused_at_open(tmp_path):
+    path = write_episode_store(tmp_path / "s.zarr", episodes([9, 7]), SMALL)
+    chunk = next(p for p in (path / "meta" / "episode_ends").rglob("*") if p.is_file() and p.name != "zarr.json")
+    b = bytearray(chunk.read_bytes())
+    b[0] ^= 0x01
+    chunk.write_bytes(bytes(b))
+    with pytest.raises(StoreCorrupt) as info:
+        EpisodeStore.open(path)
+    _assert_names_store_and_fix(info.value, path, "meta/episode_ends")
+
+
+def test_bad_selection_is_not_called_corruption(tmp_path):
+    s = EpisodeStore.open(write_episode_store(tmp_path / "s.zarr", episodes([9]), SMALL))
+    with pytest.raises(IndexError):
+        s.array("frames")[100]
+    with pytest.raises(Exception) as info:
+        s.array("frames")["x"]
+    assert not isinstance(info.value, StoreCorrupt)
+
+
+def test_message_names_the_stage_that_writes_the_store(tmp_path):
+    """The rebuild command names the real stage of dvc.yaml (foreach items included)."""
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    assert writer_stage(tmp_path / "data/mnist/frames.zarr") == "moving_mnist"
+    assert writer_stage(tmp_path / "data/gameplay/actions.zarr") == "actions@gameplay"
+    assert writer_stage(tmp_path / "data/mnist/latents.zarr/data/latents") == "latents@mnist"
+    assert writer_stage(tmp_path / "elsewhere.zarr") is None
+    path = write_episode_store(tmp_path / "data/gameplay/actions.zarr", episodes([9]), SMALL)
+    _damage(_shards(path)[0], "truncated")
+    with pytest.raises(StoreCorrupt, match=r"`dvc repro -f -s actions@gameplay`"):
+        EpisodeStore.open(path).array("frames")[:]
+
+
+def test_format_1_stores_are_still_read(tmp_path):
+    """Stores written before chunk checksums (no crc32c, chunks of fill values not written)."""
+    path = tmp_path / "v1.zarr"
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.attrs.update({"format": "episode-store/1", "n_frames": 16, "n_episodes": 2})
+    frames = np.zeros((16, 2), np.uint8)
+    frames[:8] = 7  # frames 8..15 are all fill value: their shard is never written
+    root.require_group("data").create_array("frames", shape=(16, 2), chunks=(4, 2), shards=(8, 2),
+                                            dtype=np.uint8, fill_value=0)[:] = frames
+    root.require_group("meta").create_array("episode_ends", shape=(2,), chunks=(2,), dtype=np.int64,
+                                            fill_value=0)[:] = [9, 16]
+    s = EpisodeStore.open(path)
+    np.testing.assert_array_equal(s.array("frames")[:], frames)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,13 +16,16 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from pipeline.checkpoint import save_torch
 from pipeline.reader import LoaderConfig, WindowDataset
 from pipeline.store import StoreConfig, write_episode_store
 from pipeline.train import (
     STATE,
     STATE_JSON,
     TrainConfig,
+    clear_checkpoint,
     lr_at,
+    run_dir,
     step_batches,
     train,
 )
@@ -104,9 +108,10 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
 
     part = fit(tmp_path / "run", c, stop_after=7)  # dies at step 7; last checkpoint at step 5
     assert part.stopped_early and part.step == 7
-    saved = torch.load(tmp_path / "run" / STATE, weights_only=True)
+    assert part.ckpt_dir == run_dir(tmp_path / "run", c, {"run": 1}) and part.ckpt_dir.parent == tmp_path / "run"
+    saved = torch.load(part.ckpt_dir / STATE, weights_only=True)
     assert saved["step"] == 5
-    assert json.loads((tmp_path / "run" / STATE_JSON).read_text())["step"] == 5
+    assert json.loads((part.ckpt_dir / STATE_JSON).read_text())["step"] == 5
 
     resumed = fit(tmp_path / "run", c)
     assert resumed.resumed_from == 5 and resumed.step == full.step == 12
@@ -128,6 +133,7 @@ def _session(ckpt: str) -> None:
 
 def test_run_killed_by_sigkill_resumes(tmp_path):
     ckpt = tmp_path / "ckpt"
+    state_dir = run_dir(ckpt, cfg(steps=40, ckpt_every=2, eval_every=100), {"run": 1})
     proc = subprocess.Popen(
         [sys.executable, "-c", f"from tests.pipeline.test_train import _session; _session({str(ckpt)!r})"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -135,7 +141,7 @@ def test_run_killed_by_sigkill_resumes(tmp_path):
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
-            meta = ckpt / STATE_JSON
+            meta = state_dir / STATE_JSON
             if meta.exists() and json.loads(meta.read_text())["step"] >= 4:
                 break
             time.sleep(0.05)
@@ -144,7 +150,7 @@ def test_run_killed_by_sigkill_resumes(tmp_path):
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    killed_at = torch.load(ckpt / STATE, weights_only=True)["step"]
+    killed_at = torch.load(state_dir / STATE, weights_only=True)["step"]
     assert 4 <= killed_at < 40
     resumed = fit(ckpt, cfg(steps=40, ckpt_every=2, eval_every=100))
     assert resumed.resumed_from == killed_at and resumed.step == 40
@@ -194,3 +200,77 @@ def test_metrics_and_image_grids_go_to_mlflow(tmp_path, monkeypatch):
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val/score")] == [(2, 2.0), (4, 4.0)]
     images = [f.path for f in client.list_artifacts(run_id, "reconstructions")]
     assert images == ["reconstructions/step_000002.png", "reconstructions/step_000004.png"]
+
+
+# -- checkpoints that cannot be resumed: a warning naming the file, then a fresh start ----------
+
+
+def _bad_checkpoint(kind: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "foreign-state-dict":  # a readable torch file written by something else
+        save_torch(nn.Linear(4, 1).state_dict(), path)
+    elif kind == "not-a-dict":
+        save_torch([torch.zeros(3)], path)
+    elif kind == "truncated":
+        save_torch(nn.Linear(4, 1).state_dict(), path)
+        path.write_bytes(path.read_bytes()[:40])
+
+
+@pytest.mark.parametrize("kind", ["foreign-state-dict", "not-a-dict", "truncated"])
+def test_checkpoint_that_is_not_a_training_state_warns_naming_it_and_starts_afresh(tmp_path, caplog, kind):
+    """Guards the bug of issue 7: a readable torch file lacking the training state's keys raised a
+    bare ``KeyError: 'config'``. Now every unusable file (also an unreadable one, as before) is
+    named in a warning, the run starts afresh and the file is replaced by a real checkpoint."""
+    c = cfg()
+    state = run_dir(tmp_path / "c", c, {"run": 1}) / STATE
+    _bad_checkpoint(kind, state)
+    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+        result = fit(tmp_path / "c", c)
+    assert result.resumed_from == 0 and result.step == 12
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1 and str(state) in warning[0] and "starting afresh" in warning[0], warning
+    if kind != "truncated":
+        assert "not a training state" in warning[0]
+    assert torch.load(state, weights_only=True)["step"] == 12  # replaced by the run's own state
+
+
+def test_checkpoint_whose_weights_do_not_fit_the_model_warns_and_starts_afresh(tmp_path, caplog):
+    """Same config, another model (the code changed between the kill and the rerun): the state
+    must not be half loaded (RuntimeError from load_state_dict before); the run starts afresh."""
+    c = cfg()
+    fit(tmp_path / "w", c, stop_after=6)
+    torch.manual_seed(0)
+    wider = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+        result = train(wider, noisy_loss, step_batches(Points(), c, NO_WORKERS), c, tmp_path / "w",
+                       config={"run": 1})
+    assert result.resumed_from == 0 and result.step == 12
+    assert any("weights do not fit" in r.getMessage() and str(result.ckpt_dir / STATE) in r.getMessage()
+               for r in caplog.records)
+
+
+# -- checkpoints keyed by the run's config -------------------------------------------------------
+
+
+def test_runs_of_different_configs_keep_their_own_state(tmp_path):
+    """Guards issue 7: two experiments of different params under one checkpoint directory (queued
+    experiments may run at once) overwrote each other's state, so neither resumed."""
+    c = cfg()
+    a = fit(tmp_path / "base", c, stop_after=7, config={"lr": "a"})   # last checkpoint: step 5
+    b = fit(tmp_path / "base", c, stop_after=6, config={"lr": "b"})   # its own directory
+    assert a.ckpt_dir != b.ckpt_dir and a.ckpt_dir.parent == b.ckpt_dir.parent == tmp_path / "base"
+    resumed_a = fit(tmp_path / "base", c, config={"lr": "a"})
+    assert resumed_a.resumed_from == 5 and resumed_a.step == 12
+    # a completed run's state goes; the other run's (stopped, waiting to be resumed) stays
+    clear_checkpoint(tmp_path / "base")
+    assert not a.ckpt_dir.exists() and (b.ckpt_dir / STATE).exists()
+    resumed_b = fit(tmp_path / "base", c, config={"lr": "b"})
+    assert resumed_b.resumed_from == 5
+    clear_checkpoint(tmp_path / "base")
+    assert not (tmp_path / "base").exists()
+
+
+def test_clear_checkpoint_removes_the_old_flat_layout(tmp_path):
+    save_torch({"step": 3}, tmp_path / "old" / STATE)
+    clear_checkpoint(tmp_path / "old")
+    assert not (tmp_path / "old").exists()
