@@ -92,14 +92,38 @@ class StageRun:
 
 
 @contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock on a SQLite tracking store (``<db>.lock``, fcntl) while it is opened.
+
+    Stages that start at once (``python -m pipeline.dag --concurrency 2``) would otherwise both
+    create and migrate a new ``mlflow.db`` and one fails ("Online migration expected to match one
+    row"). Other stores need no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def stage_run(stage: str, item: str | None = None, params: Any = None) -> Iterator[StageRun]:
     """Open an MLflow run for a stage, log its params and the git commit; close it on exit."""
     import mlflow
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(experiment_name())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    with _store_lock(uri):  # the first use creates and migrates the store: one process at a time
+        mlflow.set_experiment(experiment_name())
     name = run_name(stage, item)
     with mlflow.start_run(run_name=name) as run:
         mlflow.set_tags(

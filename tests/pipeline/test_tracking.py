@@ -1,5 +1,7 @@
 """MLflow tracking: a real SQLite store, runs named after the stage, params, metrics, commit tag."""
 
+from pathlib import Path
+
 import mlflow
 
 from pipeline.paths import repo_root
@@ -40,3 +42,39 @@ def test_repo_root_from_dvc_exp_temp_workspace(tmp_path):
     temp_ws.mkdir(parents=True)
     (temp_ws / ".dvc").mkdir()
     assert repo_root(temp_ws) == tmp_path.resolve()
+
+
+STAGE_AT = """
+import sys, time
+from pipeline.tracking import stage_run
+start = float(sys.argv[1])
+while time.time() < start:
+    time.sleep(0.005)
+with stage_run("stage", sys.argv[2]) as r:
+    r.log_metrics({"x": 1.0})
+"""
+
+
+def test_stages_starting_at_once_on_a_new_store_all_log(tmp_path):
+    """Guards: two stages of `pipeline.dag --concurrency 2` creating a new mlflow.db at once raced
+    on its migrations ("Online migration expected to match one row") and one stage failed."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.paths import repo_root as root
+
+    for attempt in range(1):
+        db = tmp_path / f"mlflow-{attempt}.db"
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}", "MLFLOW_EXPERIMENT_NAME": "race",
+               "PYTHONPATH": str(root(Path(__file__)))}
+        start = time.time() + 8  # after every process has imported mlflow
+        procs = [subprocess.Popen([sys.executable, "-c", STAGE_AT, str(start), str(i)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        for p, (_, err) in zip(procs, outs):
+            assert p.returncode == 0, err[-2000:]
+        client = mlflow.MlflowClient(f"sqlite:///{db}")
+        exp = client.get_experiment_by_name("race")
+        assert len(client.search_runs([exp.experiment_id])) == 3
