@@ -21,7 +21,7 @@ _KINDS: dict[str, dict[str, tuple[str, str, str]]] = {
     },
     "policy": {
         "mdlm": ("models.policy", "PolicyConfig", "MDLMPolicy"),
-        "mlp": ("models.policy", "MLPConfig", "MLPPolicy"),
+        "mlp": ("models.policy", "MLPPolicyConfig", "MLPPolicy"),
     },
 }
 
