@@ -37,36 +37,34 @@ SWS_FLAGS = Interpolation.AREA | Interpolation.ACCURATE_RND | Interpolation.BITE
 
 # BT.601 in limited ("tv") range: what decoders assume for untagged SD video, and what the encoded
 # streams are tagged with (libavutil/pixfmt.h: AVCOL_{PRI,TRC,SPC}_SMPTE170M = 6, AVCOL_RANGE_MPEG = 1).
-_KR, _KB = 0.299, 0.114
 _SMPTE170M, _RANGE_MPEG = 6, 1
-_SHIFT = 16  # fixed-point bits of the conversion coefficients
+# Luma weights in thousandths (Kr = 0.299, Kg = 0.587, Kb = 0.114) and the chroma differences
+# B - Y' and R - Y' in thousandths, which BT.601 divides by 2 (1 - Kb) = 1.772 and 2 (1 - Kr) = 1.402.
+_LUMA = np.array([299, 587, 114], dtype=np.int64)
+_B_MINUS_Y = np.array([-299, -587, 886], dtype=np.int64)
+_R_MINUS_Y = np.array([701, -587, -114], dtype=np.int64)
 
 
-def _fixed(values: tuple[float, float, float]) -> np.ndarray:
-    return np.asarray([round(v * (1 << _SHIFT)) for v in values], dtype=np.int64)
-
-
-_KG = 1.0 - _KR - _KB
-_Y_COEF = _fixed(tuple(219 / 255 * k for k in (_KR, _KG, _KB)))
-_U_COEF = _fixed(tuple(224 / 255 * k / (2 * (1 - _KB)) for k in (-_KR, -_KG, 1 - _KB)))
-_V_COEF = _fixed(tuple(224 / 255 * k / (2 * (1 - _KR)) for k in (1 - _KR, -_KG, -_KB)))
+def _round_div(num: np.ndarray, den: int) -> np.ndarray:
+    """``num / den`` rounded half up, exactly (integers)."""
+    return (2 * num + den) // (2 * den)
 
 
 def rgb_to_yuv420p(frames: np.ndarray) -> np.ndarray:
     """(T,H,W,3) uint8 RGB (H, W even) to (T, H*3/2, W) uint8 yuv420p as PyAV lays it out: per
     frame the Y plane (H x W), then U, then V (H/2 x W/2 each), flat, in rows of W.
 
-    BT.601, limited range: Y = 16 + 219/255 (0.299 R + 0.587 G + 0.114 B); U and V from the mean
-    RGB of each 2x2 block (chroma sited at the block's centre). Integer arithmetic only
-    (coefficients in 16-bit fixed point, rounding half up), so every machine gets the same values.
+    BT.601 in limited range, each value the exact formula rounded half up:
+    Y = 16 + 219/255 Y' with Y' = 0.299 R + 0.587 G + 0.114 B; U = 128 + 224/255 (B - Y') / 1.772
+    and V = 128 + 224/255 (R - Y') / 1.402 of the mean RGB of each 2x2 block (chroma sited at the
+    block's centre). Integer arithmetic only, so every machine gets the same values.
     """
     rgb = np.asarray(frames, dtype=np.int64)
     t, h, w, _ = rgb.shape
-    half = 1 << (_SHIFT - 1)
-    y = (rgb @ _Y_COEF + (16 << _SHIFT) + half) >> _SHIFT
-    block = rgb.reshape(t, h // 2, 2, w // 2, 2, 3).sum(axis=(2, 4))  # 4 x the 2x2 mean
-    u = (block @ _U_COEF + (128 << (_SHIFT + 2)) + (half << 2)) >> (_SHIFT + 2)
-    v = (block @ _V_COEF + (128 << (_SHIFT + 2)) + (half << 2)) >> (_SHIFT + 2)
+    y = 16 + _round_div(219 * (rgb @ _LUMA), 255 * 1000)
+    block = rgb.reshape(t, h // 2, 2, w // 2, 2, 3).sum(axis=(2, 4))  # 4 x the mean of each 2x2 block
+    u = 128 + _round_div(224 * (block @ _B_MINUS_Y), 4 * 255 * 1772)
+    v = 128 + _round_div(224 * (block @ _R_MINUS_Y), 4 * 255 * 1402)
     flat = [np.clip(p, 0, 255).astype(np.uint8).reshape(t, -1) for p in (y, u, v)]
     return np.concatenate(flat, axis=1).reshape(t, h * 3 // 2, w)
 
