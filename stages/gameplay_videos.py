@@ -402,8 +402,11 @@ def download_url(url: str, name: str, cfg: UrlsConfig, out_dir: Path) -> dict:
         for p in earlier:
             if p.name != path.name:
                 p.unlink()
-    except DownloadError as exc:  # the manifest names no temporary path (its bytes stay the same)
-        raise DownloadError(str(exc).replace(f"{tmp}{os.sep}", "")) from None
+    except Exception as exc:  # the manifest names no temporary path (its bytes stay the same)
+        message = str(exc).replace(f"{tmp}{os.sep}", "")
+        if isinstance(exc, DownloadError):
+            raise DownloadError(message) from None
+        raise DownloadError(f"{url}: {type(exc).__name__}: {message}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     archive_id = yt_dlp.utils.make_archive_id(info["extractor_key"], info["id"])
