@@ -1,10 +1,21 @@
-"""Video I/O with PyAV: deterministic H.264 encoding, threaded decoding with fps resampling.
+"""Video I/O with PyAV: H.264 encoding that gives the same bytes on every machine, threaded
+decoding with fps resampling.
+
+``encode_video`` converts RGB to YUV itself (``rgb_to_yuv420p``: integer arithmetic in numpy), so
+no swscale code runs on the encode side: swscale's RGB to YUV conversion picks its code by the
+CPU's SIMD level, and its SIMD and C paths round chroma differently (FFmpeg 8, PyAV 18: 24,998 of
+the 401,760 chroma values of a 155-frame 72x72 Crafter episode differ by 1 between them), which
+made the videos, and everything downstream, depend on the machine. x264 runs with one thread (its assembly is bit-exact
+with its C code, so the CPU does not matter there).
 
 ``decode_video`` returns RGB frames and their timestamps in seconds from the container's pts
 (relative to the first frame). With a target ``fps``, output time ``k / fps`` takes the last
 source frame whose pts is at or before it, so a source at the target rate keeps every frame and
 a 20 fps source at 10 fps keeps every other one. Only the frames kept are converted to RGB; the
-conversion and resize are one swscale pass with a reused context.
+conversion and resize are one swscale pass with a reused context, in swscale's bit-exact mode
+(``SWS_FLAGS``) and one thread, so the frames do not depend on the CPU either (without it,
+decoding at the video's own size gave other RGB values, up to 2 apart, on SSE2 or C code than on
+AVX2).
 """
 from __future__ import annotations
 
@@ -14,12 +25,49 @@ from typing import Iterator
 
 import av
 import numpy as np
-from av.video.reformatter import VideoReformatter
+from av.video.reformatter import Interpolation, VideoReformatter
 
 from pipeline.atomic import atomic_path
 
 # Timestamps closer than this (seconds) count as equal when resampling (float rounding of pts).
 _EPS = 1e-6
+
+# swscale flags of every RGB conversion of decoded frames: area resampling, in the bit-exact mode
+# (the same output whatever SIMD code the CPU allows), with accurate rounding.
+SWS_FLAGS = Interpolation.AREA | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
+
+# BT.601 in limited ("tv") range: what decoders assume for untagged SD video, and what the encoded
+# streams are tagged with (libavutil/pixfmt.h: AVCOL_{PRI,TRC,SPC}_SMPTE170M = 6, AVCOL_RANGE_MPEG = 1).
+_SMPTE170M, _RANGE_MPEG = 6, 1
+# Luma weights in thousandths (Kr = 0.299, Kg = 0.587, Kb = 0.114) and the chroma differences
+# B - Y' and R - Y' in thousandths, which BT.601 divides by 2 (1 - Kb) = 1.772 and 2 (1 - Kr) = 1.402.
+_LUMA = np.array([299, 587, 114], dtype=np.int64)
+_B_MINUS_Y = np.array([-299, -587, 886], dtype=np.int64)
+_R_MINUS_Y = np.array([701, -587, -114], dtype=np.int64)
+
+
+def _round_div(num: np.ndarray, den: int) -> np.ndarray:
+    """``num / den`` rounded half up, exactly (integers)."""
+    return (2 * num + den) // (2 * den)
+
+
+def rgb_to_yuv420p(frames: np.ndarray) -> np.ndarray:
+    """(T,H,W,3) uint8 RGB (H, W even) to (T, H*3/2, W) uint8 yuv420p as PyAV lays it out: per
+    frame the Y plane (H x W), then U, then V (H/2 x W/2 each), flat, in rows of W.
+
+    BT.601 in limited range, each value the exact formula rounded half up:
+    Y = 16 + 219/255 Y' with Y' = 0.299 R + 0.587 G + 0.114 B; U = 128 + 224/255 (B - Y') / 1.772
+    and V = 128 + 224/255 (R - Y') / 1.402 of the mean RGB of each 2x2 block (chroma sited at the
+    block's centre). Integer arithmetic only, so every machine gets the same values.
+    """
+    rgb = np.asarray(frames, dtype=np.int64)
+    t, h, w, _ = rgb.shape
+    y = 16 + _round_div(219 * (rgb @ _LUMA), 255 * 1000)
+    block = rgb.reshape(t, h // 2, 2, w // 2, 2, 3).sum(axis=(2, 4))  # 4 x the mean of each 2x2 block
+    u = 128 + _round_div(224 * (block @ _B_MINUS_Y), 4 * 255 * 1772)
+    v = 128 + _round_div(224 * (block @ _R_MINUS_Y), 4 * 255 * 1402)
+    flat = [np.clip(p, 0, 255).astype(np.uint8).reshape(t, -1) for p in (y, u, v)]
+    return np.concatenate(flat, axis=1).reshape(t, h * 3 // 2, w)
 
 
 class VideoError(ValueError):
@@ -27,9 +75,12 @@ class VideoError(ValueError):
 
 
 def encode_video(frames: np.ndarray, path: Path | str, fps: float, crf: int = 18) -> Path:
-    """Encode ``frames`` (T,H,W,3) uint8 RGB to an H.264 MP4 (libx264, yuv420p) at ``fps``.
+    """Encode ``frames`` (T,H,W,3) uint8 RGB to an H.264 MP4 (libx264, yuv420p, BT.601 limited
+    range) at ``fps``; returns ``path``.
 
-    x264 runs single-threaded so that the same frames always give a byte-identical file. The file
+    The same frames give the same bytes in any thread, process or machine (with the same PyAV and
+    x264 builds): the RGB to YUV conversion is ``rgb_to_yuv420p`` (no swscale), x264 runs on one
+    thread with its threading options pinned, and the muxer writes no library version. The file
     is written to a temporary sibling and renamed into place.
     """
     frames = np.asarray(frames)
@@ -39,14 +90,25 @@ def encode_video(frames: np.ndarray, path: Path | str, fps: float, crf: int = 18
     height, width = frames.shape[1:3]
     if height % 2 or width % 2:
         raise ValueError(f"{path}: yuv420p needs an even width and height, got {width}x{height}")
+    yuv = rgb_to_yuv420p(frames)
     with atomic_path(path) as tmp:
-        with av.open(str(tmp), "w", format="mp4") as container:
+        with av.open(str(tmp), "w", format="mp4", options={"fflags": "+bitexact"}) as container:
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.codec_context.thread_count = 1
-            stream.codec_context.options = {"crf": str(crf), "threads": "1"}
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            ctx = stream.codec_context
+            ctx.color_range, ctx.colorspace = _RANGE_MPEG, _SMPTE170M
+            ctx.color_primaries = ctx.color_trc = _SMPTE170M
+            ctx.thread_count = 1
+            ctx.options = {
+                "crf": str(crf),
+                "preset": "medium",
+                "threads": "1",
+                "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0:non-deterministic=0",
+            }
+            for planes in yuv:
+                frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+                frame.color_range, frame.colorspace = _RANGE_MPEG, _SMPTE170M
+                container.mux(stream.encode(frame))  # already yuv420p: PyAV does not reformat it
             container.mux(stream.encode(None))
     return path
 
@@ -136,7 +198,8 @@ class _ToRGB:
     """Converts decoded frames to RGB arrays: crop, then resize (area interpolation).
 
     The reformatters keep their swscale context from frame to frame; building one per frame
-    (``frame.reformat``/``frame.to_ndarray``) costs more than decoding a small frame.
+    (``frame.reformat``/``frame.to_ndarray``) costs more than decoding a small frame. Every
+    conversion runs with ``SWS_FLAGS`` on one swscale thread (PyAV's default, 0, means one per CPU).
     """
 
     def __init__(self, size: tuple[int, int] | None, crop: tuple[int, int, int, int] | None):
@@ -147,14 +210,14 @@ class _ToRGB:
     def __call__(self, frame: av.VideoFrame) -> np.ndarray:
         width, height = self.size or (None, None)
         if self.crop is None:
-            return self.convert.reformat(frame, width, height, "rgb24", interpolation="AREA").to_ndarray()
+            return self.convert.reformat(frame, width, height, "rgb24", interpolation=SWS_FLAGS, threads=1).to_ndarray()
         top, bottom, left, right = self.crop
-        rgb = self.convert.reformat(frame, format="rgb24").to_ndarray()
+        rgb = self.convert.reformat(frame, format="rgb24", interpolation=SWS_FLAGS, threads=1).to_ndarray()
         rgb = np.ascontiguousarray(rgb[top : rgb.shape[0] - bottom, left : rgb.shape[1] - right])
         if self.size is None:
             return rgb
         cropped = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-        return self.resize.reformat(cropped, width, height, interpolation="AREA").to_ndarray()
+        return self.resize.reformat(cropped, width, height, interpolation=SWS_FLAGS, threads=1).to_ndarray()
 
 
 def decode_video(

@@ -6,13 +6,18 @@ frames, bytes, sha256, url, archive_id). One Prefect task per video, ``concurren
 
 The directory is a persistent DVC output, so that yt-dlp's download archive (``archive.txt``)
 survives reruns: a URL whose file is still here, unchanged, and whose id is in the archive is not
-requested again. The stage removes every file that does not belong to the current params.
+requested again. A URL is downloaded into a temporary directory beside the videos and its file
+replaces the earlier one only once it probes as a video: when the download fails, the earlier
+file stays (its row is ``failed`` and says it was kept). A row is ``ok`` only for a file that
+probes as a video. The stage removes every file that does not belong to the current params.
 """
 from __future__ import annotations
 
 import collections
+import glob
 import hashlib
 import logging
+import os
 import re
 import shutil
 import time
@@ -25,7 +30,7 @@ import numpy as np
 import yt_dlp
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.atomic import write_json
+from pipeline.atomic import clean_stale, tmp_sibling, write_json
 from pipeline.cli import run_stage
 from pipeline.config import StrictModel, load_section
 from pipeline.download import check_url
@@ -106,16 +111,22 @@ class Config(StrictModel):
     crafter: CrafterConfig = CrafterConfig()
     urls: UrlsConfig = UrlsConfig()
 
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.source == "urls" and not self.urls.urls:
+            raise ValueError(
+                "gameplay_videos.urls.list is empty, but gameplay_videos.source is 'urls': list at "
+                "least one URL, or record Crafter episodes (gameplay_videos.source: crafter)"
+            )
+        return self
+
 
 # ---------------------------------------------------------------- manifest rows
 
 
 def video_row(out_dir: Path, name: str, file: str, source: str, url: str = "", archive_id: str = "") -> dict:
-    """An ``ok`` manifest row for a video file; a file that cannot be probed keeps the error.
-
-    A download that is not a readable video is still a download: the frames stage decodes it
-    and records the failure.
-    """
+    """The manifest row of a video file: ``ok`` with its duration and frame count, or ``failed``
+    with the probe's error when the file cannot be probed as a video."""
     path = out_dir / file
     row = {"name": name, "source": source, "status": "ok", "error": "", "file": file, "duration": "",
            "frames": "", "bytes": path.stat().st_size, "sha256": sha256_file(path), "url": url,
@@ -124,7 +135,7 @@ def video_row(out_dir: Path, name: str, file: str, source: str, url: str = "", a
         info = probe_video(path)
         row.update(duration=info["duration"], frames=info["frames"])
     except VideoError as exc:
-        row["error"] = one_line(f"probe: {exc}")
+        row.update(status="failed", error=one_line(f"probe: {exc}"))
     return row
 
 
@@ -134,9 +145,22 @@ def failed_row(name: str, source: str, error: str, url: str = "") -> dict:
     return row
 
 
+# A temporary sibling of pipeline.atomic: ``.<target>.tmp-<pid>-<token>`` (or ``.old-``).
+_TEMPORARY = re.compile(r"^\.(.+)\.(?:tmp|old)-\d+-[0-9a-f]+$")
+
+
 def remove_others(out_dir: Path, names: set[str], keep: set[str]) -> None:
-    """Delete what does not belong to ``names`` (``<name>.*``) or ``keep`` (file names)."""
+    """Delete what does not belong to ``names`` (``<name>.*``) or ``keep`` (file names).
+
+    A temporary sibling (``.<file>.tmp-<pid>-<token>``, pipeline.atomic) is removed only when the
+    process that writes it is gone.
+    """
     for p in out_dir.iterdir():
+        temporary = _TEMPORARY.match(p.name)
+        if temporary:
+            for gone in clean_stale(out_dir / temporary.group(1)):
+                log.info("removed %s (left by a process that is gone)", gone)
+            continue
         if p.name in keep or p.name.split(".")[0] in names:
             continue
         log.info("removing %s (not in the current params)", p)
@@ -170,16 +194,34 @@ class _OrderedObjects(dict):
         del self[obj]
 
 
+# Decimals kept of Crafter's daylight (see deterministic_env).
+DAYLIGHT_DECIMALS = 6
+
+
 def deterministic_env(env: crafter.Env) -> crafter.Env:
-    """Make ``env``'s world keep its chunks' objects in insertion order (see _OrderedObjects)."""
+    """Make ``env`` play and render the same on every machine; returns ``env``.
+
+    - Its world keeps its chunks' objects in insertion order (see _OrderedObjects).
+    - Its daylight is rounded to ``DAYLIGHT_DECIMALS`` decimals. Crafter computes it with
+      ``np.cos``, which NumPy may compute with other SIMD code (another last bit) on another CPU,
+      and the night blend truncates to uint8: one ulp more or less daylight changed 1,145 to
+      7,695 pixel values in 3 frames of a 160-step episode. Rounded, the value only differs if
+      it lies within an ulp of a rounding boundary.
+    """
     world = env._world
     reset = world.reset
+    update_time = env._update_time
 
     def ordered_reset(seed=None):
         reset(seed)
         world._chunks = collections.defaultdict(_OrderedObjects)
 
+    def rounded_time():
+        update_time()
+        world.daylight = round(float(world.daylight), DAYLIGHT_DECIMALS)
+
     world.reset = ordered_reset
+    env._update_time = rounded_time
     return env
 
 
@@ -326,21 +368,66 @@ def _download_once(url: str, opts: dict) -> tuple[Path | None, dict | None, bool
         return (files[0] if files else None), info, archived
 
 
-def download_url(url: str, name: str, cfg: UrlsConfig, out_dir: Path) -> dict:
-    """Download ``url`` to ``<out_dir>/<name>.<ext>`` with yt-dlp; its manifest row.
+def files_of(out_dir: Path, name: str) -> list[Path]:
+    """The files ``<name>.*`` in ``out_dir`` (a URL's video, whatever its extension)."""
+    return sorted(p for p in out_dir.glob(f"{glob.escape(name)}.*") if p.is_file())
 
-    When the archive lists the video but its file is gone (removed with an earlier params list),
-    it is downloaded again. Raises DownloadError (the task's retries apply).
+
+def download_url(url: str, name: str, cfg: UrlsConfig, out_dir: Path) -> dict:
+    """Download ``url`` to ``<out_dir>/<name>.<ext>`` with yt-dlp; its (``ok``) manifest row.
+
+    yt-dlp writes into a temporary directory beside the videos; the file replaces the earlier
+    ``<name>.*`` only once it probes as a video, so a failed or killed download leaves the earlier
+    file as it was. When the archive lists the video but its file is not reusable, it is
+    downloaded again. Raises DownloadError (the task's retries apply), also for a file that is not
+    a readable video.
     """
     logger = _YtdlpLog()
     archive = out_dir / ARCHIVE
-    path, info, archived = _download_once(url, _ytdlp_options(cfg, out_dir, name, archive, logger))
-    if path is None and archived:
-        path, info, _ = _download_once(url, _ytdlp_options(cfg, out_dir, name, None, logger))
-    if path is None:
-        raise DownloadError(f"{url}: {logger.reason()}")
+    tmp = tmp_sibling(out_dir / name)
+    tmp.mkdir()
+    try:
+        path, info, archived = _download_once(url, _ytdlp_options(cfg, tmp, name, archive, logger))
+        if path is None and archived:
+            path, info, _ = _download_once(url, _ytdlp_options(cfg, tmp, name, None, logger))
+        if path is None:
+            raise DownloadError(f"{url}: {logger.reason()}")
+        try:
+            probe_video(path)
+        except VideoError as exc:
+            reason = str(exc).removeprefix(f"{path}: ")
+            raise DownloadError(f"{url}: the download is not a readable video: {reason}") from None
+        earlier = files_of(out_dir, name)
+        os.replace(path, out_dir / path.name)
+        for p in earlier:
+            if p.name != path.name:
+                p.unlink()
+    except Exception as exc:  # the manifest names no temporary path (its bytes stay the same)
+        message = str(exc).replace(f"{tmp}{os.sep}", "")
+        if isinstance(exc, DownloadError):
+            raise DownloadError(message) from None
+        raise DownloadError(f"{url}: {type(exc).__name__}: {message}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     archive_id = yt_dlp.utils.make_archive_id(info["extractor_key"], info["id"])
     return video_row(out_dir, name, path.name, "urls", url, archive_id)
+
+
+def kept_row(name: str, url: str, error: str, out_dir: Path) -> dict:
+    """The ``failed`` row of a URL whose download failed; an earlier file of it that probes as a
+    video is kept and named in the row (its bytes and sha256 too), any other is removed."""
+    row = failed_row(name, "urls", error, url)
+    for path in files_of(out_dir, name):
+        try:
+            probe_video(path)
+        except VideoError:
+            continue
+        row.update(
+            error=one_line(f"{error} (kept the earlier file {path.name})"), file=path.name,
+            bytes=path.stat().st_size, sha256=sha256_file(path),
+        )
+        break
+    return row
 
 
 def reusable(row: dict | None, out_dir: Path, archived: set[str]) -> bool:
@@ -377,9 +464,9 @@ def download_urls(cfg: Config, out_dir: Path) -> list[dict]:
         retry_backoff_s=ucfg.retry_backoff_s, labels=[n for _, n in todo],
     )
     for (url, name), outcome in zip(todo, outcomes):
-        rows[name] = failed_row(name, "urls", str(outcome), url) if isinstance(outcome, Exception) else outcome
-    failed = {n for n, r in rows.items() if r["status"] == "failed"}
-    remove_others(out_dir, set(names) - failed, {MANIFEST, ARCHIVE})  # partial files of failures
+        rows[name] = kept_row(name, url, str(outcome), out_dir) if isinstance(outcome, Exception) else outcome
+    # What no row names goes: files of refused URLs, junk beside a failure, another extension.
+    remove_others(out_dir, set(), {MANIFEST, ARCHIVE} | {r["file"] for r in rows.values() if r["file"]})
     return [rows[n] for n in names]
 
 

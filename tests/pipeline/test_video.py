@@ -1,12 +1,47 @@
-"""pipeline.video with real PyAV files: exact frames and timestamps, resampling, crop/resize, errors."""
+"""pipeline.video with real PyAV files: exact frames and timestamps, resampling, crop/resize, errors,
+and the same bytes and frames whatever the thread, process or CPU."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
-from pipeline.video import VideoError, decode_video, encode_video, probe_video
+from pipeline.video import VideoError, decode_video, encode_video, probe_video, rgb_to_yuv420p
 from tests.conftest import marker_frames, marker_index
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Python code that makes the process's FFmpeg run its C code only, as on a CPU without the SIMD sets
+# this one has (av_force_cpu_flags(0); x264 detects its CPU itself, and its assembly is bit-exact
+# with its C code). Prepend it to the code a fresh process runs.
+FFMPEG_C_ONLY = (
+    "import ctypes, av\n"
+    "lib = next(l.split()[-1] for l in open('/proc/self/maps') if '/libavutil' in l)\n"
+    "ctypes.CDLL(lib).av_force_cpu_flags(0)\n"
+)
+
+
+def run_fresh(code: str, *args: str) -> None:
+    """Run ``code`` in a fresh interpreter at the repository root, FFmpeg's SIMD off (see
+    FFMPEG_C_ONLY) and another hash seed; ``args`` are its ``sys.argv[1:]``."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("finds FFmpeg's libavutil through /proc/self/maps (Linux)")
+    env = {**os.environ, "PYTHONHASHSEED": "123"}
+    subprocess.run([sys.executable, "-c", FFMPEG_C_ONLY + code, *args], check=True, cwd=ROOT, env=env)
+
+
+def tiles(n: int, seed: int, height: int = 48, width: int = 64) -> np.ndarray:
+    """``n`` frames of coloured 8-pixel tiles that scroll by one pixel a frame (gameplay-like)."""
+    rng = np.random.default_rng(seed)
+    world = rng.integers(0, 256, (height // 8 + 1, width // 8 + n // 8 + 2, 3), dtype=np.uint8)
+    world = world.repeat(8, 0).repeat(8, 1)
+    return np.stack([world[:height, t : t + width] for t in range(n)])
 
 
 def test_decode_gives_every_frame_with_pts_timestamps(tmp_path, make_video):
@@ -69,6 +104,96 @@ def test_encoding_is_deterministic_and_atomic(tmp_path):
     with pytest.raises(ValueError, match="even"):
         encode_video(frames[:, :15], tmp_path / "odd.mp4", fps=10)
     assert not (tmp_path / "odd.mp4").exists()
+
+
+def test_rgb_to_yuv420p_is_bt601_limited_range_rounded_exactly():
+    """Y, U, V are BT.601's formula in limited range, rounded half up (exact rationals here)."""
+    from fractions import Fraction as F
+    import math
+
+    frames = np.random.default_rng(4).integers(0, 256, (2, 6, 8, 3), dtype=np.uint8)
+    yuv = rgb_to_yuv420p(frames)
+    assert yuv.shape == (2, 9, 8) and yuv.dtype == np.uint8
+
+    def rounded(x: F) -> int:
+        return math.floor(x + F(1, 2))
+
+    for t in range(2):
+        flat = yuv[t].ravel()
+        y, u, v = flat[:48].reshape(6, 8), flat[48:60].reshape(3, 4), flat[60:].reshape(3, 4)
+        for i in range(6):
+            for j in range(8):
+                r, g, b = (int(c) for c in frames[t, i, j])
+                assert y[i, j] == 16 + rounded(F(219, 255) * F(299 * r + 587 * g + 114 * b, 1000))
+        for i in range(3):
+            for j in range(4):
+                block = frames[t, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].reshape(4, 3).astype(int).sum(0)
+                r, g, b = (F(int(c), 4) for c in block)  # the block's mean
+                luma = (299 * r + 587 * g + 114 * b) / 1000
+                assert u[i, j] == 128 + rounded(F(224, 255) * (b - luma) / F(1772, 1000))
+                assert v[i, j] == 128 + rounded(F(224, 255) * (r - luma) / F(1402, 1000))
+    # The textbook 8-bit values: black, white, red, green, blue.
+    for rgb, expect in [((0, 0, 0), (16, 128, 128)), ((255, 255, 255), (235, 128, 128)),
+                        ((255, 0, 0), (81, 90, 240)), ((0, 255, 0), (145, 54, 34)), ((0, 0, 255), (41, 240, 110))]:
+        flat = rgb_to_yuv420p(np.full((1, 2, 2, 3), rgb, dtype=np.uint8)).ravel()
+        assert tuple(flat[[0, 4, 5]]) == expect
+
+
+def test_encoding_gives_the_same_bytes_alone_in_threads_and_in_a_fresh_process(tmp_path):
+    """Guards issue 7.1: the bytes of an encoded video depended on the machine (swscale's RGB to
+    YUV conversion rounds chroma differently in its SIMD and C code; the fresh process below runs
+    FFmpeg's C code only, as a CPU without this one's SIMD sets would) and, on some machine, on an
+    encode running in another thread. The same frames must give the same bytes alone, beside other
+    encodes and decodes in threads, and in another process on other CPU code."""
+    frames = tiles(24, seed=0)
+    alone = encode_video(frames, tmp_path / "alone.mp4", fps=10).read_bytes()
+    stream = av.open(str(tmp_path / "alone.mp4")).streams.video[0]
+    assert (stream.codec_context.color_range, stream.codec_context.colorspace) == (1, 6)  # BT.601, tv range
+
+    others = [tiles(24, seed=s) for s in range(1, 5)]
+    (tmp_path / "threads").mkdir()
+
+    def job(i: int) -> bytes | None:
+        if i % 3 == 2:  # a decode beside the encodes
+            decode_video(tmp_path / "alone.mp4", size=(32, 24), threads=2)
+            return None
+        clip = frames if i % 3 == 0 else others[i % 4]
+        data = encode_video(clip, tmp_path / "threads" / f"{i}.mp4", fps=10).read_bytes()
+        return data if i % 3 == 0 else None
+
+    with ThreadPoolExecutor(4) as pool:
+        same = [b for b in pool.map(job, range(18)) if b is not None]
+    assert len(same) == 6 and all(b == alone for b in same), "an encode beside others in threads differs"
+
+    np.save(tmp_path / "frames.npy", frames)
+    run_fresh(
+        "import sys, numpy as np; from pipeline.video import encode_video\n"
+        "encode_video(np.load(sys.argv[1]), sys.argv[2], fps=10)",
+        str(tmp_path / "frames.npy"), str(tmp_path / "fresh.mp4"),
+    )
+    assert (tmp_path / "fresh.mp4").read_bytes() == alone, "another process on other CPU code encodes other bytes"
+
+
+def test_decoding_gives_the_same_frames_in_threads_and_in_a_fresh_process(tmp_path):
+    """Guards issue 7.1 on the decode side: swscale's YUV to RGB conversion at the video's own size
+    gave other values on other CPU code (FFmpeg's C code, in the fresh process), and by default it
+    runs one slice thread per CPU. Decoded frames must not depend on either."""
+    path = encode_video(tiles(20, seed=7), tmp_path / "v.mp4", fps=10)
+    settings = [{}, {"size": (40, 30)}, {"size": (32, 32), "crop": (4, 2, 6, 0)}]
+    alone = [decode_video(path, **kw)[0] for kw in settings]
+    with ThreadPoolExecutor(3) as pool:
+        threaded = list(pool.map(lambda i: decode_video(path, threads=2, **settings[i % 3])[0], range(9)))
+    for i, frames in enumerate(threaded):
+        np.testing.assert_array_equal(frames, alone[i % 3])
+    run_fresh(
+        "import sys, numpy as np; from pipeline.video import decode_video\n"
+        "kw = [{}, {'size': (40, 30)}, {'size': (32, 32), 'crop': (4, 2, 6, 0)}]\n"
+        "np.savez(sys.argv[2], *[decode_video(sys.argv[1], **k)[0] for k in kw])",
+        str(path), str(tmp_path / "fresh.npz"),
+    )
+    fresh = np.load(tmp_path / "fresh.npz")
+    for i, frames in enumerate(alone):
+        np.testing.assert_array_equal(fresh[f"arr_{i}"], frames, err_msg=f"decode_video(**{settings[i]}) on C code")
 
 
 def test_probe(tmp_path, make_video):

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import yaml
@@ -17,6 +19,21 @@ STORE_CFG = StoreConfig(chunk_frames=8, shard_chunks=2)
 
 def frames_config(**over) -> gf.Config:
     return gf.Config.model_validate({"fps": 10, "width": 16, "height": 16, "threads": 1, "retries": 0, **over})
+
+
+def cut_video(path: Path, seed: int) -> Path:
+    """A 20-frame MP4 with its index at the front, cut in half: it probes (the index lists every
+    frame), so gameplay_videos keeps it as ``ok``, but decoding stops early."""
+    frames = np.random.default_rng(seed).integers(0, 255, (20, 32, 48, 3), dtype=np.uint8)
+    with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as c:
+        stream = c.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        for frame in frames:
+            c.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        c.mux(stream.encode(None))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
 
 
 def add_video(videos, make_video, name: str, n: int, fps: float) -> dict:
@@ -83,9 +100,8 @@ def test_downloaded_videos_decode_and_broken_ones_are_skipped(tmp_path, http_ser
     www = http_server.root
     make_video(www / "first.mp4", n=20, fps=10)
     make_video(www / "second.mp4", n=20, fps=20)
-    (www / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
-    data = make_video(tmp_path / "whole.mp4", n=20).read_bytes()
-    (www / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    cut_video(www / "corrupt.mp4", seed=0)
+    cut_video(www / "truncated.mp4", seed=1)
     names = ["first", "corrupt", "second", "truncated"]
     urls_section = {"list": [http_server.url(f"{n}.mp4") for n in names], "allowed_schemes": ["http"],
                     "allowed_hosts": ["127.0.0.1"], "retries": 0}
@@ -119,8 +135,9 @@ def test_fails_when_no_video_survives(tmp_path, make_video):
     videos.mkdir()
     changed = add_video(videos, make_video, "changed", 6, 10)
     make_video(videos / "changed.mp4", n=7, fps=10)  # differs from the manifest's sha256
-    (videos / "junk.mp4").write_bytes(b"not a video at all")
+    cut_video(videos / "junk.mp4", seed=2)
     junk = gv.video_row(videos, "junk", "junk.mp4", "urls")
+    assert junk["status"] == "ok"  # it probes; decoding finds it cut short
     gv.write_manifest(videos / gv.MANIFEST, [changed, junk], gv.COLUMNS)
     with pytest.raises(RuntimeError, match="2 of 2 videos failed"):
         gf.run(frames_config(max_failed_fraction=1.0), STORE_CFG, videos, tmp_path / "f.zarr", tmp_path / "m.csv")

@@ -1,10 +1,14 @@
 """gameplay_videos: real Crafter recordings, real yt-dlp downloads from a server on 127.0.0.1."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import crafter
@@ -23,6 +27,7 @@ from stages.gameplay_videos import (
     read_manifest,
     url_name,
 )
+from tests.pipeline.test_video import run_fresh
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = CrafterConfig(episodes=1, steps=20, size=72, hold_min=2, hold_max=4, seed=5)
@@ -68,21 +73,45 @@ def test_camera_moves_with_the_player():
     assert votes["left"] >= 5 and votes["left"] > 4 * votes["other"]
 
 
-def test_recording_is_deterministic(tmp_path):
-    """The same episode recorded here and in another process (other hash seed) is byte-identical."""
+def test_recording_gives_the_same_bytes_alone_in_threads_and_in_a_fresh_process(tmp_path):
+    """Guards issue 7.1: the same episode recorded (played, encoded, truth written) alone, beside
+    other recordings in threads (as the stage's tasks run), and in another process (another hash
+    seed, FFmpeg's C code only, as on another CPU) gives byte-identical files. The old encoder
+    gave other bytes on other CPU code."""
     row = gv.write_episode(SMALL, 0, tmp_path / "a")
-    code = (
-        "import sys; from pathlib import Path; from stages import gameplay_videos as gv; "
-        "from tests.stages.test_gameplay_videos import SMALL; gv.write_episode(SMALL, 0, Path(sys.argv[1]))"
+    jobs = [(0, "b"), (1, "b")]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        list(pool.map(lambda job: gv.write_episode(SMALL, job[0], tmp_path / job[1]), jobs))
+    run_fresh(
+        "import sys; from pathlib import Path; from stages import gameplay_videos as gv\n"
+        "from tests.stages.test_gameplay_videos import SMALL; gv.write_episode(SMALL, 0, Path(sys.argv[1]))",
+        str(tmp_path / "d"),
     )
-    env = {**os.environ, "PYTHONHASHSEED": "123"}
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")], check=True, cwd=ROOT, env=env)
     for suffix in (".mp4", ".truth.json"):
-        a = (tmp_path / "a" / f"crafter_000{suffix}").read_bytes()
-        assert a == (tmp_path / "b" / f"crafter_000{suffix}").read_bytes()
+        alone = (tmp_path / "a" / f"crafter_000{suffix}").read_bytes()
+        for other in ("b", "d"):
+            assert (tmp_path / other / f"crafter_000{suffix}").read_bytes() == alone, f"{other}/crafter_000{suffix}"
     truth = json.loads((tmp_path / "a" / "crafter_000.truth.json").read_text())
     assert probe_video(tmp_path / "a" / "crafter_000.mp4")["frames"] == truth["frames"] == row["frames"]
     assert "shifts left" in truth["doc"]
+
+
+def test_frames_do_not_depend_on_the_last_bit_of_daylight(monkeypatch):
+    """Guards issue 7.1 (another CPU): Crafter's daylight comes from ``np.cos``, whose last bit
+    NumPy's SIMD code may change from one CPU to another. One ulp more or less daylight (injected
+    here into Crafter's own computation) changed whole frames (the 11th of every episode); the
+    recorder rounds it, so the frames stay the same."""
+    cfg = CrafterConfig(episodes=1, steps=12, size=72, seed=5)
+    frames, _ = gv.record_episode(cfg, 0)
+    update_time = crafter.Env._update_time
+
+    def one_ulp_less(env):
+        update_time(env)
+        env._world.daylight = np.nextafter(env._world.daylight, -np.inf)
+
+    monkeypatch.setattr(crafter.Env, "_update_time", one_ulp_less)
+    other, _ = gv.record_episode(cfg, 0)
+    np.testing.assert_array_equal(other, frames)
 
 
 def test_world_objects_are_iterated_in_insertion_order():
@@ -125,6 +154,8 @@ def urls_config(urls: list[str], **over) -> Config:
 
 
 def test_urls_downloads_refuses_and_records_failures(tmp_path, http_server, make_video):
+    """Also guards issue 7.4: a download that cannot be probed as a video was an ``ok`` row (with
+    the probe's error beside it); it must be ``failed``, with no file kept."""
     www = http_server.root
     make_video(www / "good.mp4", n=20, fps=10)
     make_video(www / "flaky.mp4", n=10, fps=10)
@@ -151,8 +182,11 @@ def test_urls_downloads_refuses_and_records_failures(tmp_path, http_server, make
     missing = rows[urls[1]]
     assert missing["status"] == "failed" and "404" in missing["error"]
     assert http_server.gets("/missing.mp4") == 2  # one attempt + one retry
-    corrupt = rows[urls[2]]  # downloaded fine; the frames stage finds it cannot be decoded
-    assert corrupt["status"] == "ok" and corrupt["error"].startswith("probe:")
+    corrupt = rows[urls[2]]  # downloaded, but not a video: failed (after its retry), nothing kept
+    assert corrupt["status"] == "failed" and "the download is not a readable video" in corrupt["error"]
+    assert corrupt["file"] == corrupt["sha256"] == "" and ".tmp-" not in corrupt["error"]
+    assert not list(out.glob(f"{url_name(urls[2])}*"))
+    assert http_server.gets("/corrupt.mp4") > 2  # a download takes 2 GETs: it was retried
     big = rows[urls[3]]
     assert big["status"] == "failed" and "max-filesize" in big["error"]
     assert not list(out.glob(f"{url_name(urls[3])}*"))  # no partial file left
@@ -160,15 +194,18 @@ def test_urls_downloads_refuses_and_records_failures(tmp_path, http_server, make
     for url in urls[5:]:
         assert rows[url]["status"] == "failed" and "refusing" in rows[url]["error"]
     assert http_server.gets("/refused.mp4") == 0
-    assert metrics["videos_ok"] == 3 and metrics["videos_failed"] == 4
+    assert metrics["videos_ok"] == 2 and metrics["videos_failed"] == 5
     assert metrics["duration_s"] == pytest.approx(2.0 + 1.0)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [ARCHIVE, MANIFEST, good["file"], rows[urls[4]]["file"]]
+    )  # no temporary directory left
 
     # A rerun requests none of the videos it has; dropping a URL from the list removes its file.
     before = (out / MANIFEST).read_text()
     http_server.requests.clear()
     gv.run(urls_config(urls), out)
     assert (out / MANIFEST).read_text() == before
-    for name in ("/good.mp4", "/corrupt.mp4", "/flaky.mp4"):
+    for name in ("/good.mp4", "/flaky.mp4"):
         assert http_server.gets(name) == 0
     gv.run(urls_config(urls[1:]), out)
     assert not (out / good["file"]).exists()
@@ -183,3 +220,90 @@ def test_urls_params_are_checked(tmp_path):
     params.write_text(yaml.safe_dump({"gameplay_videos": {"urls": {"list": ["https://a/x", "https://a/x"]}}}))
     with pytest.raises(ParamsError, match="listed twice"):
         load_section("gameplay_videos", Config, path=params)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_video_is_replaced_only_by_a_verified_download(tmp_path, http_server, make_video):
+    """Guards issue 7.4: a video that is not reusable (here: the run that downloaded it was killed
+    before it wrote the manifest) was deleted when downloading it again was killed or failed. The
+    earlier file must stay until a download that probes as a video replaces it; a failed row says
+    that it was kept; a killed download's temporary files go with the next run."""
+    www, out = http_server.root, tmp_path / "videos"
+    make_video(www / "clip.mp4", n=20, fps=10)
+    url = http_server.url("clip.mp4")
+    cfg = urls_config([url], max_filesize_mb=5)
+    gv.run(cfg, out)
+    [row] = read_manifest(out / MANIFEST)
+    video = out / row["file"]
+    assert row["status"] == "ok"
+    good = video.read_bytes()
+    (out / MANIFEST).unlink()  # the state a kill just before the manifest is written leaves
+
+    # A download killed halfway (slowed down so that it can be caught in the act).
+    noise = np.random.default_rng(5).integers(0, 255, (30, 96, 96, 3), dtype=np.uint8)
+    make_video(www / "clip.mp4", frames=noise)  # the server's video changed meanwhile: 200 KB
+    slow = urls_config([url], max_filesize_mb=5, rate_limit="40K")
+    code = (
+        "import json, sys; from pathlib import Path; from stages import gameplay_videos as gv\n"
+        "cfg = gv.Config.model_validate(json.loads(sys.argv[1]))\n"
+        "gv.download_url(cfg.urls.urls[0], gv.url_name(cfg.urls.urls[0]), cfg.urls, Path(sys.argv[2]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(slow.model_dump(by_alias=True)), str(out)], cwd=ROOT
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.rglob("*.part")):  # yt-dlp is writing the new file
+            assert proc.poll() is None and time.monotonic() < deadline, "the download did not start"
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert video.read_bytes() == good, "a killed download lost the earlier file"
+
+    # The server fails: the earlier file stays, the row says so.
+    http_server.fail_first["/clip.mp4"] = 100
+    metrics = gv.run(cfg, out)
+    [row] = read_manifest(out / MANIFEST)
+    assert row["status"] == "failed" and "503" in row["error"]
+    assert f"kept the earlier file {video.name}" in row["error"]
+    assert row["file"] == video.name and row["sha256"] == _sha(video) and video.read_bytes() == good
+    assert metrics["videos_ok"] == 0 and metrics["videos_failed"] == 1
+    assert sorted(p.name for p in out.iterdir()) == sorted([ARCHIVE, MANIFEST, video.name])  # killed temp gone
+
+    # The server is back: the new download replaces the earlier file.
+    http_server.fail_first.clear()
+    gv.run(cfg, out)
+    [row] = read_manifest(out / MANIFEST)
+    assert row["status"] == "ok" and row["file"] == video.name and row["frames"] == "30"
+    assert video.read_bytes() == (www / "clip.mp4").read_bytes() != good
+    assert sorted(p.name for p in out.iterdir()) == sorted([ARCHIVE, MANIFEST, video.name])
+
+
+def test_urls_source_with_an_empty_list_is_refused_before_any_work(tmp_path):
+    """Guards issue 7.3: ``source: urls`` with an empty ``urls.list`` exited 0 with no video, after
+    deleting every recorded video. The stage must refuse it at validation, naming the key, and
+    leave the videos directory untouched."""
+    videos = tmp_path / "data" / "gameplay" / "videos"
+    videos.mkdir(parents=True)
+    for name, data in [("crafter_000.mp4", b"a recorded video"), ("crafter_000.truth.json", b"{}"),
+                       (MANIFEST, b"name,status\n"), (ARCHIVE, b"generic x\n")]:
+        (videos / name).write_bytes(data)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in videos.iterdir()}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"gameplay_videos": {"source": "urls", "urls": {"list": []}}}))
+    env = {**os.environ, "PIPELINE_PARAMS": str(params), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.gameplay_videos"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr
+    assert "gameplay_videos.urls.list is empty" in done.stderr
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in videos.iterdir()} == before
+    with pytest.raises(ParamsError, match=r"gameplay_videos\.urls\.list"):
+        load_section("gameplay_videos", Config, path=params)
+    params.write_text(yaml.safe_dump({"gameplay_videos": {"source": "crafter", "urls": {"list": []}}}))
+    assert load_section("gameplay_videos", Config, path=params).source == "crafter"  # only urls needs one
