@@ -91,6 +91,18 @@ RUN_FACTS = ("train_seconds", "steps_per_s", "resumed_from_step", "eval_seconds"
 # -- params --------------------------------------------------------------------------------------
 
 
+class DiscretizerParams(StrictModel):
+    """MNIST's continuous [dx, dy] to discrete ids (``models.policy.ActionDiscretizer``)."""
+
+    mode: Literal["bins", "codebook"] = "bins"
+    directions: int = Field(8, gt=0, description="bins: direction sectors")
+    speed_bins: int = Field(1, gt=0, description="bins: speed bins (quantiles of the training speeds)")
+    still_speed: float = Field(0.02, ge=0, description="bins: slower actions are 'still' (id 0)")
+    codebook_size: int = Field(16, gt=1, description="codebook: k-means codewords")
+    seed: int = Field(0, ge=0)
+    iters: int = Field(100, gt=0)
+
+
 class ModelParams(StrictModel):
     conditioning: Literal["cross_attention", "add"] = Field(
         "cross_attention", description="the state conditions every action token by cross-attention or addition")
@@ -144,9 +156,7 @@ class Config(StrictModel):
     state_frames: int = Field(3, gt=0, description="latent frames in the state: the current one and those before it")
     horizon: int = Field(8, gt=0, description="H future discrete actions")
     stride: int = Field(1, gt=0, description="frames between training windows")
-    discretizer: dict = Field(default_factory=lambda: {"mode": "bins", "directions": 8, "speed_bins": 1,
-                                                      "still_speed": 0.02},
-                              description="MNIST's [dx, dy] to ids: ActionDiscretizer fields")
+    discretizer: DiscretizerParams = DiscretizerParams()
     model: ModelParams = ModelParams()
     loss: LossParams = LossParams()
     sample: SampleParams = SampleParams()
@@ -158,10 +168,6 @@ class Config(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
-        try:
-            DiscretizerConfig(**self.discretizer)
-        except TypeError as exc:
-            raise ValueError(f"discretizer: {exc}") from None
         if any(not 0 < t < 1 for t in self.eval.mask_levels):
             raise ValueError(f"eval.mask_levels must lie in (0, 1), got {self.eval.mask_levels}")
         return self
@@ -204,7 +210,7 @@ def fit_coder(cfg: Config, act: EpisodeStore, train_ids: np.ndarray) -> ActionCo
     valid = act.array(VALID_KEY)[:]
     frame_ep = np.repeat(np.arange(act.n_episodes), act.episode_lengths())
     keep = valid & np.isin(frame_ep, train_ids)
-    disc = ActionDiscretizer(DiscretizerConfig(**cfg.discretizer)).fit(act.array(ACTIONS_KEY)[:][keep])
+    disc = ActionDiscretizer(DiscretizerConfig(**cfg.discretizer.model_dump())).fit(act.array(ACTIONS_KEY)[:][keep])
     return ActionCoder(False, disc)
 
 
