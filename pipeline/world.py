@@ -86,7 +86,7 @@ class World:
 
     # -- layouts ---------------------------------------------------------------------------------
     def latents(self, stored: np.ndarray | torch.Tensor) -> torch.Tensor:
-        return to_model_layout(stored, self.family, self.device)
+        return to_model_layout(stored, self.family, self.device, self.meta.get("latent_norm"))
 
     def actions(self, actions: np.ndarray | torch.Tensor, action_class: np.ndarray | torch.Tensor | None,
                 valid: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,8 +111,10 @@ class World:
         """Frames (B, T, H, W, C) float32 in [0, 1] of model-layout latents (B, T, ...).
 
         A block-causal (MAE) tokenizer decodes in windows of its ``encode_window`` from frame 0."""
-        if self.family == "flow" and len(self.tok_meta["latent_shape"]) == 2:
-            z = z.reshape(*z.shape[:2], *self.tok_meta["latent_shape"])
+        if self.family == "flow":
+            z = denormalize(z, self.meta.get("latent_norm"))
+            if len(self.tok_meta["latent_shape"]) == 2:
+                z = z.reshape(*z.shape[:2], *self.tok_meta["latent_shape"])
         window = int(self.tok_meta.get("encode_window", 1))
         parts = []
         for s in range(0, z.shape[1], window):
@@ -124,8 +126,12 @@ class World:
         return x.movedim(2, -1).float().cpu().numpy()
 
 
-def to_model_layout(stored: np.ndarray | torch.Tensor, family: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Stored latents (B, T, *latent_shape) in the layout of ``family``'s model."""
+def to_model_layout(stored: np.ndarray | torch.Tensor, family: str, device: torch.device | str = "cpu",
+                    norm: dict | None = None) -> torch.Tensor:
+    """Stored latents (B, T, *latent_shape) in the layout of ``family``'s model: token ids, or
+    float grids normalised per channel with ``norm`` (``latent_norm``: mean and std of the
+    training latents; a tokenizer's tanh-bounded latents have a std near 0.1, and at unit-variance
+    noise the signal would be almost invisible to a flow model at most signal levels)."""
     z = torch.as_tensor(np.asarray(stored) if not isinstance(stored, torch.Tensor) else stored, device=device)
     if family == "masked":
         return z.long()
@@ -133,7 +139,23 @@ def to_model_layout(stored: np.ndarray | torch.Tensor, family: str, device: torc
     if z.ndim == 4:  # MAE tokens (B, T, N, D)
         h, w, c = flow_grid(z.shape[2:])
         z = z.reshape(*z.shape[:2], h, w, c)
+    if norm is not None:
+        z = (z - z.new_tensor(norm["mean"])) / z.new_tensor(norm["std"])
     return z
+
+
+def denormalize(z: torch.Tensor, norm: dict | None) -> torch.Tensor:
+    """Inverse of ``to_model_layout``'s normalisation."""
+    if norm is None:
+        return z
+    return z * z.new_tensor(norm["std"]) + z.new_tensor(norm["mean"])
+
+
+def latent_norm(latents: np.ndarray) -> dict:
+    """Per-channel (last axis) mean and std of continuous latents (N, ..., C), as JSON-able lists."""
+    flat = np.asarray(latents, np.float64).reshape(-1, latents.shape[-1])
+    std = np.maximum(flat.std(axis=0), 1e-6)
+    return {"mean": [float(v) for v in flat.mean(axis=0)], "std": [float(v) for v in std]}
 
 
 def action_inputs(action_input: str, actions, action_class, valid, device: torch.device | str = "cpu"

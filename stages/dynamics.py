@@ -87,6 +87,7 @@ from pipeline.world import (
     action_inputs,
     check_family,
     flow_grid,
+    latent_norm,
     to_model_layout,
 )
 
@@ -265,7 +266,7 @@ def alternating_batches(short: WindowDataset, long: WindowDataset | None, cfg: T
     return batches
 
 
-def loss_function(cfg: Config, mask_id: int | None):
+def loss_function(cfg: Config, mask_id: int | None, norm: dict | None = None):
     """``loss_fn(model, batch, step, ema)`` of the family."""
     discrete = cfg.action_input == "discrete"
 
@@ -293,7 +294,7 @@ def loss_function(cfg: Config, mask_id: int | None):
                                             min_context=f.min_context)
 
     def flow_loss_fn(model, batch, step, ema=None):
-        z = to_model_layout(batch[LATENTS_KEY], "flow", batch[LATENTS_KEY].device)
+        z = to_model_layout(batch[LATENTS_KEY], "flow", batch[LATENTS_KEY].device, norm)
         acts, valid = conditioning(batch)
         teacher = ema if f.teacher == "ema" else None
         return flow_dynamics.shortcut_forcing_loss(model, teacher, z, acts, valid, loss_cfg)
@@ -445,10 +446,14 @@ def run(cfg: Config, item_paths: dict[str, Path], out_dir: Path | str, work_dir:
                         where, cfg.flow.long_window)
             every = 0
     mask_id = tok_meta["config"]["levels"] if cfg.family == "masked" else None
+    norm = None
+    if cfg.family == "flow":  # per-channel statistics of the training latents
+        frame_ep = np.repeat(np.arange(lat.n_episodes), lat.episode_lengths())
+        norm = latent_norm(lat.array(LATENTS_KEY)[:][np.isin(frame_ep, train_ids)])
     config = {"params": cfg.model_dump(mode="json"), "model": model_cfg,
               "data": store_fingerprint(lat, [LATENTS_KEY]) + store_fingerprint(act, act.keys)}
     t0 = time.perf_counter()
-    result = train(model, loss_function(cfg, mask_id), alternating_batches(short, long, train_cfg, every, long_batch, loader),
+    result = train(model, loss_function(cfg, mask_id, norm), alternating_batches(short, long, train_cfg, every, long_batch, loader),
                    train_cfg, Path(work_dir), config=config, run=tracker, desc=f"dynamics {cfg.family}")
     train_seconds = time.perf_counter() - t0
     done = result.step - result.resumed_from
@@ -456,7 +461,7 @@ def run(cfg: Config, item_paths: dict[str, Path], out_dir: Path | str, work_dir:
 
     meta = {"tokenizer_kind": tok_meta["kind"], "action_input": cfg.action_input, "sample": sample_settings(cfg),
             "context_frames": cfg.eval.context_frames, "horizon": cfg.eval.horizon,
-            "val_episodes": val_ids.tolist(), "latent_shape": tok_meta["latent_shape"]}
+            "val_episodes": val_ids.tolist(), "latent_shape": tok_meta["latent_shape"], "latent_norm": norm}
     world = World(model, {"kind": cfg.family, **meta}, *_tokenizer(item_paths["tokenizer"], device), device)
     t1 = time.perf_counter()
     seqs = held_out_sequences(cfg, lat, act, frames, val_ids, cfg.eval.max_sequences)
