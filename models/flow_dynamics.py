@@ -59,6 +59,7 @@ class FlowConfig:
     action_dim: int = 2
     action_classes: int = 5
     k_max: int = 64  # finest step 1 / k_max
+    residual: bool = False  # predict each frame as a correction of its predecessor's denoised input
 
     def __post_init__(self):
         self.latent_shape = tuple(int(s) for s in self.latent_shape)
@@ -143,6 +144,25 @@ class Block(nn.Module):
         return x, kv
 
 
+def mmse(z_noisy: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """E[z | z_noisy] for unit-variance latents: ``z_noisy * tau / (tau^2 + (1 - tau)^2)``, with
+    ``tau`` per frame (B, T) broadcast over the frame's latents (0 at pure noise, the input when clean)."""
+    t = tau.float().reshape(*tau.shape, *([1] * (z_noisy.dim() - tau.dim())))
+    return z_noisy.float() * t / (t * t + (1 - t) ** 2)
+
+
+def residual_base(z_noisy: torch.Tensor, tau: torch.Tensor,
+                  prev: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """Each frame's base: ``mmse`` of the frame before it (``prev`` for the first; 0 without)."""
+    if prev is None:
+        first, first_tau = torch.zeros_like(z_noisy[:, :1]), torch.zeros_like(tau[:, :1])
+    else:
+        first, first_tau = prev
+    zs = torch.cat([first.to(z_noisy.dtype), z_noisy[:, :-1]], dim=1)
+    ts = torch.cat([first_tau.to(tau.dtype), tau[:, :-1]], dim=1)
+    return mmse(zs, ts)
+
+
 class FlowDynamics(nn.Module):
     """Predicts clean latents ``z_hat`` (B, T, H, W, C) from noisy ones, per-frame signal levels
     and step sizes, and per-frame actions; frame t sees only frames <= t."""
@@ -221,6 +241,7 @@ class FlowDynamics(nn.Module):
         has: torch.Tensor,
         past: list[KV] | None = None,
         return_kv: bool = False,
+        prev: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         """Predict the clean latents (x-prediction).
 
@@ -229,6 +250,12 @@ class FlowDynamics(nn.Module):
         temporal keys/values of earlier frames (a cache); these frames then sit at temporal
         positions ``T_past ..``. Returns ``z_hat`` (B, T, H, W, C), and with ``return_kv`` also this
         call's per-layer (k, v) to extend a cache (``extend_cache``).
+
+        With ``cfg.residual`` the network predicts a correction of a base: frame t's base is the
+        posterior-mean estimate of frame t-1 from its noisy input, ``mmse(z_noisy[t-1], tau[t-1])``
+        (0 for the first frame of a window), so a network that outputs nothing copies the last
+        frame. ``prev``: (noisy latents (B, 1, H, W, C), signal level (B, 1)) of the frame before
+        this call's first one (with a cache: the last cached frame), else that frame has no base.
         """
         cfg = self.cfg
         h, w, c = cfg.latent_shape
@@ -251,6 +278,8 @@ class FlowDynamics(nn.Module):
         shift, scale = self.ada_out(F.silu(cond)).unsqueeze(2).chunk(2, dim=-1)
         x = self.out(_modulate(self.norm_out(x), shift, scale))
         z_hat = unpatchify(x, cfg.patch, h, w)
+        if cfg.residual:
+            z_hat = z_hat + residual_base(z_noisy, tau, prev).to(z_hat.dtype)
         return (z_hat, kvs) if return_kv else z_hat
 
     # -- accounting --------------------------------------------------------------------------
@@ -490,8 +519,10 @@ def sample_next_frame(model: FlowDynamics, context: torch.Tensor, actions: torch
             raise ValueError(f"the cache holds {past[0][0].shape[-2]} frames, the context {n}")
         a_new, has_new = actions[:, n:], has[:, n:]
 
+        prev = (context[:, -1:], _full(b, 1, tau_ctx, context))
+
         def denoise(x, tau, d):
-            return model(x, _full(b, 1, tau, x), _full(b, 1, d, x), a_new, has_new, past=past)
+            return model(x, _full(b, 1, tau, x), _full(b, 1, d, x), a_new, has_new, past=past, prev=prev)
     else:
         tau_c = _full(b, n, tau_ctx, context)
         d_c = _full(b, n, d_min, context)

@@ -62,11 +62,12 @@ def stage_graph(repo_dir: Path | str = ".", targets: list[str] | None = None) ->
 
 def run(repo_dir: Path | str = ".", targets: list[str] | None = None, concurrency: int = 2) -> dict[str, str]:
     """Reproduce the DAG; returns each stage's outcome: ``ok``, ``failed`` or ``skipped``."""
-    import pipeline.flows  # noqa: F401  (first: Prefect settings for offline, quiet runs)
     from prefect import flow, task
     from prefect.cache_policies import NO_CACHE
     from prefect.futures import as_completed
     from prefect.task_runners import ThreadPoolTaskRunner
+
+    import pipeline.flows  # noqa: F401  (first: Prefect settings for offline, quiet runs)
 
     g = stage_graph(repo_dir, targets)
 

@@ -148,6 +148,8 @@ class FlowParams(StrictModel):
     long_window: int = Field(32, gt=0, description="frames of the occasional long windows")
     long_every: int = Field(8, ge=0, description="every long_every-th step trains on long windows (0: never)")
     sample_steps: int = Field(4, gt=0, description="shortcut Euler steps per generated frame")
+    residual: bool = Field(True, description="predict each frame as a correction of its predecessor's "
+                           "denoised input (a network that outputs nothing copies the last frame)")
 
     @model_validator(mode="after")
     def _check(self) -> "FlowParams":
@@ -207,7 +209,7 @@ def model_config(cfg: Config, tok_meta: dict, n_classes: int = 5) -> dict:
     p = cfg.flow
     return {"latent_shape": list(flow_grid(tok_meta["latent_shape"])), "patch": p.patch, "dim": p.dim,
             "heads": p.heads, "depth": p.depth, "mlp_ratio": p.mlp_ratio, "max_frames": cfg.max_frames,
-            "k_max": p.k_max, **actions}
+            "k_max": p.k_max, "residual": p.residual, **actions}
 
 
 def build(cfg: Config, tok_meta: dict, where: str) -> torch.nn.Module:

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field, field_validator
 
+from pipeline.atomic import write_json
 from pipeline.cli import run_stage
 from pipeline.config import StrictModel, load_section
 from pipeline.flows import run_tasks
-from pipeline.atomic import write_json
 from pipeline.manifest import one_line, read_manifest, sha256_file, write_manifest
 from pipeline.paths import GAMEPLAY_FRAMES_MANIFEST, GAMEPLAY_VIDEOS, VIDEOS_MANIFEST, frames_store, metrics_path
 from pipeline.store import EpisodeStoreWriter, StoreConfig

@@ -362,11 +362,13 @@ def test_action_of_transition_t_changes_frame_t_plus_1_only_onwards(kind):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("max_frames,context,horizon", [(8, 3, 4), (4, 3, 4), (4, 5, 2)])
-def test_cached_rollout_equals_uncached(max_frames, context, horizon):
+def test_cached_rollout_equals_uncached(max_frames, context, horizon, residual):
     """The key/value cache (past frames computed once, one new frame per step) gives the same
-    frames as recomputing the window at every step, also once the window slides."""
-    model = tiny_model(max_frames=max_frames)
+    frames as recomputing the window at every step, also once the window slides (and with the
+    residual base, which the cached step takes from the last cached frame)."""
+    model = tiny_model(max_frames=max_frames, residual=residual)
     ctx = latents(2, context, seed=5)
     actions = torch.randn(2, context + horizon, 2)
     lengths = []
@@ -435,3 +437,31 @@ def test_overfits_one_batch():
         loss.backward()
         opt.step()
     assert evaluate() < 0.2 * start
+
+
+def test_residual_model_starts_as_a_copy_of_the_denoised_previous_frame():
+    """With ``residual`` the network predicts a correction of the previous frame's posterior-mean
+    estimate ``mmse(z~[t-1], tau[t-1])`` (zero for a window's first frame): at initialisation (its
+    output layer is zero, AdaLN-Zero) the prediction is exactly that base; with a cache the base
+    of the first new frame comes from ``prev``."""
+    from models.flow_dynamics import mmse
+
+    torch.manual_seed(0)
+    model = FlowDynamics(FlowConfig(latent_shape=(4, 4, 4), patch=2, dim=32, heads=4, depth=2, max_frames=8,
+                                    residual=True))
+    z = latents(2, 4, seed=3)
+    tau = torch.tensor([[0.9, 0.5, 0.0, 1.0], [0.25, 0.9, 0.9, 0.5]])
+    d = torch.full((2, 4), 1 / 64)
+    acts, has = torch.zeros(2, 4, 2), torch.ones(2, 4, dtype=torch.bool)
+    with torch.no_grad():
+        out = model(z, tau, d, acts, has)
+        torch.testing.assert_close(out[:, 0], torch.zeros_like(out[:, 0]))
+        for t in range(1, 4):
+            expect = z[:, t - 1] * (tau[:, t - 1] / (tau[:, t - 1] ** 2 + (1 - tau[:, t - 1]) ** 2))[:, None, None, None]
+            torch.testing.assert_close(out[:, t], expect)
+        torch.testing.assert_close(mmse(z, torch.ones(2, 4)), z)  # clean input: itself
+        assert float(mmse(z, torch.zeros(2, 4)).abs().max()) == 0.0  # pure noise: the prior mean
+        _, kv = model(z[:, :2], tau[:, :2], d[:, :2], acts[:, :2], has[:, :2], return_kv=True)
+        step = model(z[:, 2:3], tau[:, 2:3], d[:, 2:3], acts[:, 2:3], has[:, 2:3], past=kv,
+                     prev=(z[:, 1:2], tau[:, 1:2]))
+    torch.testing.assert_close(step, out[:, 2:3])
