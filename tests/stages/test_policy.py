@@ -150,6 +150,18 @@ def test_gifs_show_the_real_context_then_the_imagined_frames(ds, worlds, runs):
         assert [red_border(f) for f in shown] == [False] * c + [True] * POLICY["horizon"], g
 
 
+def test_gifs_keep_the_timing_of_still_frames(tmp_path):
+    """An imagined video that stands still: the GIF writer stores repeated frames once, with the
+    durations added, so the GIF still plays context + horizon frames of 200 ms."""
+    still = np.full((3, 8, 8, 1), 0.5, np.float32)
+    clip = np.concatenate([still[:2], still])                    # 2 context frames, 3 identical imagined
+    (path,) = stage.save_gifs([clip], 2, tmp_path / "gifs", 1, scale=2)
+    frames = gif_frames(path)
+    assert sum(ms for _, ms in frames) == 5 * 200
+    shown = [f for f, ms in frames for _ in range(round(ms / 200))]
+    assert [red_border(f) for f in shown] == [False, False, True, True, True]
+
+
 def test_saved_coder_inverts_on_its_representatives(runs):
     _, out, _, _ = runs["mnist"]
     coder = read_meta(out, "policy")["coder"]
