@@ -48,7 +48,7 @@ from models.common import frame_actions
 from pipeline.atomic import write_json
 from pipeline.checkpoint import read_meta, save_model
 from pipeline.cli import run_stage
-from pipeline.config import ParamsError, StrictModel, load_section
+from pipeline.config import ParamsError, StrictModel, load_section, params_path
 from pipeline.evaluation import (
     held_out_split,
     held_out_windows,
@@ -426,6 +426,15 @@ def run(cfg: Config, item_paths: dict[str, Path], out_dir: Path | str, work_dir:
         if not np.array_equal(other.episode_ends, lat.episode_ends):
             raise ValueError(f"{other.path}: episodes differ from {lat.path}; rerun the stages that write them")
     train_ids, val_ids = held_out_split(lat.n_episodes, tok_meta["val_episodes"], f"{item_paths['tokenizer']}")
+    try:  # the held-out rollouts must be possible before any training
+        seqs = held_out_sequences(cfg, lat, act, frames, val_ids, cfg.eval.max_sequences)
+    except ValueError as exc:
+        raise ParamsError(f"{where}.eval: {exc} (context_frames + horizon = "
+                          f"{cfg.eval.context_frames + cfg.eval.horizon})") from None
+    if len(seqs[LATENTS_KEY]) < 2:
+        raise ParamsError(f"{where}.eval: {len(seqs[LATENTS_KEY])} held-out sequence of "
+                          f"{cfg.eval.context_frames + cfg.eval.horizon} frames; the shuffled-actions control "
+                          f"needs at least 2 (raise max_sequences, or shorten context_frames + horizon)")
     model_cfg = model_config(cfg, tok_meta)
     train_cfg = cfg.train
     device = resolve_device(train_cfg.device)
@@ -466,7 +475,6 @@ def run(cfg: Config, item_paths: dict[str, Path], out_dir: Path | str, work_dir:
             "val_episodes": val_ids.tolist(), "latent_shape": tok_meta["latent_shape"], "latent_norm": norm}
     world = World(model, {"kind": cfg.family, **meta}, *_tokenizer(item_paths["tokenizer"], device), device)
     t1 = time.perf_counter()
-    seqs = held_out_sequences(cfg, lat, act, frames, val_ids, cfg.eval.max_sequences)
     metrics, rows, grid = evaluate(world, cfg, seqs, mean_frame(frames, train_ids))
     if cfg.family == "flow":
         sweep = step_sweep(world, cfg, seqs)
@@ -509,7 +517,7 @@ def params_for(item: str) -> tuple[Config, str]:
     try:
         check_family(cfg.family, tok.kind, f"dynamics.{item}.family", f"tokenizer.{item}.kind")
     except ValueError as exc:
-        raise ParamsError(f"params.yaml: {exc}") from None
+        raise ParamsError(f"{params_path()}: {exc}") from None
     return cfg, tok.kind
 
 

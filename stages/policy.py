@@ -355,6 +355,18 @@ def imagination(model, coder: ActionCoder, cfg: Config, world: World, lat: Episo
     return metrics, clips
 
 
+def check_imagination(cfg: Config, world: World, where: str) -> None:
+    """Refuse, before any training, params that imagination inside ``world`` cannot run with."""
+    c = int(world.meta["context_frames"])
+    if c < cfg.state_frames:
+        raise ParamsError(f"{where}.state_frames ({cfg.state_frames}) exceeds the dynamics context ({c} frames)")
+    max_frames = int(world.dynamics.cfg.max_frames)
+    if world.family == "masked" and c + cfg.horizon > max_frames:
+        raise ParamsError(f"{where}.horizon ({cfg.horizon}) + the dynamics context ({c} frames) exceed the masked "
+                          f"world model's max_frames {max_frames}; shorten the horizon or retrain the dynamics "
+                          f"model with a longer window")
+
+
 def _derangement(n: int, rng: np.random.Generator) -> np.ndarray:
     while True:
         p = rng.permutation(n)
@@ -419,6 +431,8 @@ def run(cfg: Config, item: str, paths: dict[str, Path], out_dir: Path | str, gif
     lat, act, frames = (EpisodeStore.open(paths[k]) for k in ("latents", "actions", "frames"))
     train_ids, val_ids = held_out_split(lat.n_episodes, tok_meta["val_episodes"], str(paths["tokenizer"]))
     device = resolve_device(cfg.train.device)
+    world = World.load(paths["dynamics"], paths["tokenizer"], device)
+    check_imagination(cfg, world, where)
     coder = fit_coder(cfg, act, train_ids)
     kind = "tokens" if tok_meta["kind"] == "quantize" else "continuous"
     state_shape = list(tok_meta["latent_shape"]) if kind == "tokens" else list(flow_grid(tok_meta["latent_shape"]))
@@ -478,7 +492,6 @@ def run(cfg: Config, item: str, paths: dict[str, Path], out_dir: Path | str, gif
     train_batch_ids = _train_action_ids(act, train_ids, coder)
     metrics = policy_metrics(model, mlp, coder, cfg, state, ids, torch.from_numpy(train_batch_ids))
 
-    world = World.load(paths["dynamics"], paths["tokenizer"], device)
     if item == "gameplay":
         extractor = gameplay_extractor(extractor_cfg or GameplayActionsConfig())
     else:
