@@ -121,6 +121,7 @@ class PolicyConfig:
     state_vocab: int = 17                   # tokens: ids 0..state_vocab-1 (the tokenizer's MASK is a plain input)
     state_patch: int = 8                    # patch size over the state grid
     state_depth: int = 0                    # self-attention blocks over the state tokens (before conditioning)
+    state_stack: bool = False               # one token per patch position, its frames stacked (motion is linear to read)
     conditioning: str = "cross_attention"   # cross_attention | add
     dim: int = 128
     heads: int = 4
@@ -247,13 +248,15 @@ class DiTBlock(nn.Module):
 
 
 class StateEncoder(nn.Module):
-    """State latents to tokens (B, (K+1) * n_patches, D).
+    """State latents to tokens (B, (K+1) * n_patches, D), or (B, n_patches, D) with ``state_stack``.
 
     Patches of ``state_patch`` x ``state_patch`` cells are projected linearly to ``dim``: for
     token ids that is the linear map of the one-hot patch (p*p*vocab inputs), computed as a sum of
     per-(cell, id) embeddings (``EmbeddingBag``, no one-hot built); for continuous latents a
     ``Linear`` of the flattened patch. Then learned frame and patch-position embeddings,
-    ``state_depth`` self-attention blocks over all frames' tokens, and a final LayerNorm."""
+    ``state_depth`` self-attention blocks over all frames' tokens, and a final LayerNorm. With
+    ``state_stack`` a patch position's K+1 frame embeddings are concatenated and mixed by one linear
+    map into a single token, so that motion (a difference between frames) is one linear read-out."""
 
     def __init__(self, cfg: PolicyConfig):
         super().__init__()
@@ -271,6 +274,8 @@ class StateEncoder(nn.Module):
         # LayerNorm below all but erased where a patch is, and policies could not learn "where"
         self.frame_emb = nn.Parameter(torch.randn(cfg.state_frames, 1, cfg.dim))
         self.pos_emb = nn.Parameter(torch.randn(1, self.n_patches, cfg.dim))
+        if cfg.state_stack:  # a patch position's frames side by side, mixed by one linear map
+            self.stack = nn.Linear(cfg.state_frames * cfg.dim, cfg.dim)
         self.blocks = nn.ModuleList(_Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.state_depth))
         self.norm = nn.LayerNorm(cfg.dim)
 
@@ -286,8 +291,10 @@ class StateEncoder(nn.Module):
             x = self.embed(idx.reshape(-1, idx.shape[-1])).view(b, t, self.n_patches, cfg.dim)
         else:
             x = self.proj(patchify(state.float(), cfg.state_patch))                     # (B, T, N, D)
-        x = x + self.frame_emb + self.pos_emb
-        x = x.flatten(1, 2)                                  # (B, T*N, D)
+        if cfg.state_stack:
+            x = self.stack(x.transpose(1, 2).reshape(b, self.n_patches, t * cfg.dim)) + self.pos_emb  # (B, N, D)
+        else:
+            x = (x + self.frame_emb + self.pos_emb).flatten(1, 2)  # (B, T*N, D)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)

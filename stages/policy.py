@@ -108,6 +108,8 @@ class ModelParams(StrictModel):
         "cross_attention", description="the state conditions every action token by cross-attention or addition")
     state_patch: int = Field(8, gt=0, description="patch side over the state's latent grid")
     state_depth: int = Field(0, ge=0, description="self-attention blocks over the state tokens")
+    state_stack: bool = Field(True, description="one state token per patch position with its frames stacked "
+                              "(motion linear to read) instead of one token per frame and position")
     dim: int = Field(128, gt=0)
     heads: int = Field(4, gt=0)
     depth: int = Field(2, gt=0, description="DiT blocks (AdaLN-Zero on the mask level)")
@@ -485,7 +487,7 @@ def run(cfg: Config, item: str, paths: dict[str, Path], out_dir: Path | str, gif
 
     # held-out pairs
     t2 = time.perf_counter()
-    held = WindowDataset(src, cfg.window, cfg.horizon, val_ids, LoaderConfig(num_workers=0))
+    held = WindowDataset(src, cfg.window, 1, val_ids, LoaderConfig(num_workers=0))
     pick = np.linspace(0, len(held) - 1, min(len(held), cfg.eval.max_windows)).round().astype(int)
     batch = {k: torch.from_numpy(np.stack([held[int(i)][k] for i in pick])) for k in src}
     state, ids = split_batch(batch, cfg, coder, kind)

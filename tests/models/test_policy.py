@@ -502,3 +502,24 @@ def test_mlp_policy_learns_state_to_action_and_repeats_over_horizon():
     assert m["first_action_acc"] == 1.0 and m["nll"] > 0
     cont = MLPPolicy(MLPPolicyConfig(n_actions=3, state_kind="continuous", state_frames=2, state_shape=(4, 4, 8)))
     assert cont(torch.zeros(2, 2, 4, 4, 8)).shape == (2, 3)
+
+
+def test_stacked_state_tokens_see_every_frame_at_their_position():
+    """``state_stack``: one token per patch position holding all of its frames (so motion, a
+    difference between frames, is a linear read-out); an earlier frame changes its position's token."""
+    from models.policy import StateEncoder
+
+    torch.manual_seed(0)
+    cfg = PolicyConfig(n_actions=5, horizon=4, state_frames=3, state_kind="continuous", state_shape=(8, 8, 2),
+                       state_patch=4, dim=32, heads=4, depth=1, state_stack=True)
+    enc = StateEncoder(cfg)
+    s = torch.randn(2, 3, 8, 8, 2)
+    out = enc(s)
+    assert out.shape == (2, 4, 32)
+    s2 = s.clone()
+    s2[:, 0, :4, :4] += 1.0  # the first frame, top-left patch only
+    out2 = enc(s2)
+    assert (out2[:, 0] - out[:, 0]).abs().max() > 1e-3
+    torch.testing.assert_close(out2[:, 1:], out[:, 1:])
+    unstacked = StateEncoder(PolicyConfig(**{**cfg.to_dict(), "state_stack": False}))
+    assert unstacked(s).shape == (2, 12, 32)
