@@ -36,7 +36,7 @@ from pipeline.store import EpisodeStore, StoreArray
 class LoaderConfig(StrictModel):
     """The ``loader`` section of params.yaml."""
 
-    num_workers: int = Field(2, ge=0, description="DataLoader worker processes (0: read in the main process)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: read in the main process)")
     memory_budget_mb: float = Field(
         2048, ge=0, description="load the sources into memory (per process) when they fit this budget"
     )
