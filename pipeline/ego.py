@@ -37,8 +37,16 @@ class GameplayActionsConfig(StrictModel):
     window: bool = Field(False, description="phase correlation: Hann window")
     subpixel: bool = Field(True, description="parabolic sub-pixel refinement of the best shift")
     move_threshold: float = Field(0.5, gt=0, description="|shift| in tiles that counts as a move")
-    tile_px: float = Field(7.1, gt=0, description="pixels per tile in the frames")
+    tile_px: float | Literal["auto"] = Field(
+        "auto", description="pixels per tile in the frames; auto: from the recorded tile size and the resize")
     ambiguous_tol: float = Field(0.5, ge=0, description="grey levels under which the scene is unchanged")
+
+    @field_validator("tile_px")
+    @classmethod
+    def _tile(cls, v):
+        if v != "auto" and v <= 0:
+            raise ValueError(f"must be 'auto' or a positive number of pixels, got {v}")
+        return v
 
     @field_validator("play_area")
     @classmethod
@@ -55,6 +63,25 @@ def transition_actions(delta: np.ndarray, width: int, height: int) -> np.ndarray
     out = np.zeros((len(delta) + 1, 2), np.float32)
     out[:-1] = np.asarray(delta, np.float64) / (width / 2, height / 2)
     return out
+
+
+TILE_TOLERANCE = 0.05  # a tile_px given in pixels may differ this much (relative) from the recorded one
+
+
+def resolve_tile_px(cfg: GameplayActionsConfig, frame_attrs: dict, where: str, store: str) -> GameplayActionsConfig:
+    """``cfg`` with ``tile_px`` in pixels: derived from the frames store's ``tile_px`` attribute (the
+    recorded tile size times the resize, written by the gameplay_frames stage for Crafter episodes)
+    when ``auto``, and checked against it when given. Raises ValueError naming the key."""
+    recorded = frame_attrs.get("tile_px")
+    if cfg.tile_px == "auto":
+        if recorded is None:
+            raise ValueError(f"{where}.tile_px is 'auto' but {store} records no tile size (only recorded Crafter "
+                             f"episodes do); set {where}.tile_px to the tile size in pixels")
+        return cfg.model_copy(update={"tile_px": float(recorded)})
+    if recorded is not None and abs(cfg.tile_px - recorded) > TILE_TOLERANCE * recorded:
+        raise ValueError(f"{where}.tile_px is {cfg.tile_px} but the tiles of {store} are {recorded:.3f} pixels "
+                         f"(recorded tile size and resize: {frame_attrs.get('tile_source', '?')}); set it to auto")
+    return cfg
 
 
 def play_area(cfg: GameplayActionsConfig, height: int, width: int) -> tuple[int, int, int, int]:

@@ -33,12 +33,13 @@ from tqdm import tqdm
 from pipeline import motion
 from pipeline.atomic import write_json
 from pipeline.cli import run_stage
-from pipeline.config import StrictModel, load_section
+from pipeline.config import ParamsError, StrictModel, load_section
 from pipeline.ego import (
     GameplayActionsConfig,
     MnistActionsConfig,
     camera_motion,
     play_area,
+    resolve_tile_px,
     transition_actions,
 )
 from pipeline.paths import DATASETS, actions_store, frames_store, metrics_path
@@ -160,6 +161,10 @@ def run_gameplay(cfg: GameplayActionsConfig, src: Path, out: Path, store_cfg: St
     against Crafter's true moves when the store has them)."""
     store = EpisodeStore.open(src)
     has_truth = bool(store.attrs.get("has_truth")) and "player_pos" in store.keys
+    try:
+        cfg = resolve_tile_px(cfg, store.attrs, "actions.gameplay", str(src))
+    except ValueError as exc:
+        raise ParamsError(str(exc)) from None
     h, w = store.array("frames").shape[1:3]
     top, bottom, left, right = play_area(cfg, h, w)
     scene = motion.centre_mask(bottom - top, right - left, cfg.tile_px)

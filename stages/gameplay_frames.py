@@ -77,6 +77,20 @@ def align_truth(truth: dict, timestamps: np.ndarray, where: Path) -> dict[str, n
     return {"player_pos": positions[idx], "true_action": true_action}
 
 
+def tile_size(cfg: Config, truth: dict) -> dict:
+    """The tile size in output pixels of recorded episodes (Crafter: ``unit`` pixels per tile at the
+    recorded ``size``), after the crop and the resize: ``tile_px`` and how it was derived."""
+    if "size" not in truth or "unit" not in truth:
+        return {}
+    top, bottom, left, right = cfg.crop or (0, 0, 0, 0)
+    size, unit = int(truth["size"]), float(truth["unit"])
+    sx, sy = cfg.width / (size - left - right), cfg.height / (size - top - bottom)
+    if abs(sx - sy) > 0.01 * max(sx, sy):
+        log.warning("frames are resized %.3f x %.3f: tiles are not square; tile_px follows the width", sx, sy)
+    return {"tile_px": round(unit * sx, 6),
+            "tile_source": f"{unit:g} px tiles at {size} px, cropped {[top, bottom, left, right]}, resized to {cfg.width}"}
+
+
 def decode_one(cfg: Config, row: dict, videos_dir: Path, with_truth: bool) -> dict:
     """Decode one manifest row's video; returns the episode's arrays and its frames-manifest row."""
     path = videos_dir / row["file"]
@@ -153,6 +167,8 @@ def run(
         "fps": cfg.fps, "width": cfg.width, "height": cfg.height,
         "crop": list(cfg.crop) if cfg.crop else None, "has_truth": with_truth,
     }
+    if with_truth:
+        attrs.update(tile_size(cfg, json.loads(truth_path(videos_dir / jobs[0]["file"]).read_text())))
     start = time.perf_counter()
     with EpisodeStoreWriter(out_store, store_cfg, attrs) as writer:
         outcomes = run_tasks(

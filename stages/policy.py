@@ -54,6 +54,7 @@ from pipeline.ego import (
     MnistActionsConfig,
     camera_motion,
     digit_motion,
+    resolve_tile_px,
 )
 from pipeline.evaluation import held_out_split, store_fingerprint
 from pipeline.paths import (
@@ -435,6 +436,12 @@ def run(cfg: Config, item: str, paths: dict[str, Path], out_dir: Path | str, gif
     device = resolve_device(cfg.train.device)
     world = World.load(paths["dynamics"], paths["tokenizer"], device)
     check_imagination(cfg, world, where)
+    if item == "gameplay":  # the extractor's params checked before any work
+        try:
+            gameplay_cfg = resolve_tile_px(extractor_cfg or GameplayActionsConfig(), frames.attrs, "actions.gameplay",
+                                           str(frames.path))
+        except ValueError as exc:
+            raise ParamsError(str(exc)) from None
     coder = fit_coder(cfg, act, train_ids)
     kind = "tokens" if tok_meta["kind"] == "quantize" else "continuous"
     state_shape = list(tok_meta["latent_shape"]) if kind == "tokens" else list(flow_grid(tok_meta["latent_shape"]))
@@ -495,7 +502,7 @@ def run(cfg: Config, item: str, paths: dict[str, Path], out_dir: Path | str, gif
     metrics = policy_metrics(model, mlp, coder, cfg, state, ids, torch.from_numpy(train_batch_ids))
 
     if item == "gameplay":
-        extractor = gameplay_extractor(extractor_cfg or GameplayActionsConfig())
+        extractor = gameplay_extractor(gameplay_cfg)
     else:
         extractor = mnist_extractor(extractor_cfg or MnistActionsConfig(), frames, coder,
                                     int(frames.attrs.get("digit_size", 28)))

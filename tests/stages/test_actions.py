@@ -152,7 +152,10 @@ def crafter_episodes():
 def gameplay_store(path: Path, episodes: list[tuple[np.ndarray, np.ndarray]], truth: bool = True) -> Path:
     eps = [{"frames": f, **({"player_pos": p} if truth else {})} for f, p in episodes]
     h, w = episodes[0][0].shape[1:3]
-    return write_episode_store(path, eps, SMALL_STORE, {"has_truth": truth, "width": w, "height": h})
+    attrs = {"has_truth": truth, "width": w, "height": h}
+    if truth:  # what gameplay_frames records for Crafter's 9-tile-wide view
+        attrs["tile_px"] = w / 9
+    return write_episode_store(path, eps, SMALL_STORE, attrs)
 
 
 def test_crafter_axes_x_right_y_down(crafter_episodes):
@@ -244,10 +247,29 @@ def test_ambiguous_rule(tmp_path):
 def test_gameplay_without_truth(tmp_path, crafter_episodes):
     frames, pos, _ = crafter_episodes[1]
     src = gameplay_store(tmp_path / "frames.zarr", [(resize_frames(frames[:12], 64), pos[:12])], truth=False)
-    metrics = run_gameplay(GameplayActionsConfig(method="phase_correlation"), src, tmp_path / "a.zarr", SMALL_STORE)
+    metrics = run_gameplay(GameplayActionsConfig(method="phase_correlation", tile_px=64 / 9), src,
+                           tmp_path / "a.zarr", SMALL_STORE)
     assert metrics["accuracy"] is None and metrics["ambiguous"] is None
     assert metrics["transitions"] == 11 == sum(metrics["pred_counts"].values())
     assert EpisodeStore.open(tmp_path / "a.zarr").attrs["method"] == "phase_correlation"
+
+
+def test_tile_px_is_derived_from_the_frames_or_checked_against_them(tmp_path, crafter_episodes):
+    """``tile_px: auto`` takes the tile size the frames stage recorded; a number that disagrees with
+    it, or ``auto`` on frames with no recorded tile size, is refused before any work, naming the key."""
+    from pipeline.config import ParamsError
+
+    frames, pos, _ = crafter_episodes[1]
+    src = gameplay_store(tmp_path / "frames.zarr", [(resize_frames(frames[:6], 64), pos[:6])])
+    auto = run_gameplay(GameplayActionsConfig(), src, tmp_path / "a.zarr", SMALL_STORE)
+    given = run_gameplay(GameplayActionsConfig(tile_px=64 / 9), src, tmp_path / "b.zarr", SMALL_STORE)
+    assert auto["pred_counts"] == given["pred_counts"]
+    with pytest.raises(ParamsError, match=r"actions.gameplay.tile_px is 3.0 but the tiles of .*frames.zarr are 7.111"):
+        run_gameplay(GameplayActionsConfig(tile_px=3.0), src, tmp_path / "c.zarr", SMALL_STORE)
+    bare = gameplay_store(tmp_path / "bare.zarr", [(resize_frames(frames[:6], 64), pos[:6])], truth=False)
+    with pytest.raises(ParamsError, match=r"actions.gameplay.tile_px is 'auto' but .*bare.zarr records no tile size"):
+        run_gameplay(GameplayActionsConfig(), bare, tmp_path / "d.zarr", SMALL_STORE)
+    assert not (tmp_path / "c.zarr").exists() and not (tmp_path / "d.zarr").exists()
 
 
 def test_gameplay_refuses_a_max_shift_beyond_the_play_area(tmp_path, crafter_episodes):

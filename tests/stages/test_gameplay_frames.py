@@ -39,7 +39,7 @@ def cut_video(path: Path, seed: int) -> Path:
 def add_video(videos, make_video, name: str, n: int, fps: float) -> dict:
     """A marker video with a truth record whose positions and actions encode the frame index."""
     make_video(videos / f"{name}.mp4", n=n, fps=fps)
-    truth = {"fps": fps, "frames": n, "player_pos": [[i, 100 + i] for i in range(n)],
+    truth = {"fps": fps, "frames": n, "size": 72, "unit": 8, "player_pos": [[i, 100 + i] for i in range(n)],
              "actions": [i % 5 for i in range(n - 1)]}
     (videos / f"{name}.truth.json").write_text(json.dumps(truth))
     return gv.video_row(videos, name, f"{name}.mp4", "crafter")
@@ -60,6 +60,7 @@ def test_main_aligns_truth_by_timestamp(tmp_path, monkeypatch, make_video):
     store = EpisodeStore.open(tmp_path / "data/gameplay/frames.zarr")
     assert store.attrs["videos"] == ["ep_a", "ep_b"] and store.attrs["has_truth"] is True
     assert (store.attrs["fps"], store.attrs["width"], store.attrs["height"]) == (10, 16, 16)
+    assert store.attrs["tile_px"] == pytest.approx(8 * 16 / 72)  # Crafter's tiles, resized 72 -> 16 px
     np.testing.assert_array_equal(store.episode_lengths(), [15, 8])
     a = store.episode(0)
     assert a["frames"].shape == (15, 16, 16, 3)
