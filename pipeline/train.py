@@ -192,16 +192,20 @@ def run_dir(ckpt_dir: Path | str, cfg: TrainConfig, config: Any = None) -> Path:
     return Path(ckpt_dir) / run_key(cfg, config)
 
 
+FITS_NOT = "another model"  # the reason prefix of a state whose weights no longer fit the model
+
+
 def _mismatch(expected: dict, got: Any, what: str) -> str | None:
     """Why the state dict ``got`` does not fit ``expected`` (keys and shapes), or None."""
     if not isinstance(got, dict):
         return f"its {what} is a {type(got).__name__}, not a state dict"
     missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
     if missing or extra:
-        return f"its {what} weights do not fit the model (missing {missing[:4]}, unexpected {extra[:4]})"
+        return f"{FITS_NOT}: its {what} weights do not fit the model (missing {missing[:4]}, unexpected {extra[:4]})"
     for k, v in expected.items():
         if getattr(got[k], "shape", None) != v.shape:
-            return f"its {what} weight '{k}' has shape {tuple(getattr(got[k], 'shape', ()))}, the model's {tuple(v.shape)}"
+            return (f"{FITS_NOT}: its {what} weight '{k}' has shape {tuple(getattr(got[k], 'shape', ()))}, "
+                    f"the model's {tuple(v.shape)}")
     return None
 
 
@@ -304,27 +308,36 @@ class Trainer:
             groups = state["optimizer"].get("param_groups") if isinstance(state["optimizer"], dict) else None
             ours = [len(g["params"]) for g in self.opt.param_groups]
             if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups] != ours:
-                why = "its optimizer state does not fit the model's parameters"
+                why = f"{FITS_NOT}: its optimizer state does not fit the model's parameters"
         return why
 
     def try_resume(self) -> bool:
         """Restore the state saved in ``ckpt_dir`` when there is one this run can resume; True if so.
 
-        A file that cannot be resumed (``unusable``, or unreadable) is logged as a warning naming
-        it and the run starts afresh, replacing it at its first checkpoint.
+        The checkpoint of a different config (e.g. a hash collision of the run key), or one whose
+        weights no longer fit the model (its code changed), is logged and the run starts afresh,
+        replacing it at its first checkpoint. A file that is not a training
+        state this run can resume (``unusable``, or unreadable) raises ``CheckpointError`` naming
+        it, why, and the way out: nothing is overwritten that the user did not decide to discard.
         """
         path = self.ckpt_dir / STATE
         if not path.exists():
             return False
+        way_out = f"remove {path} to start this run afresh"
         try:
             state = load_torch(path, self.device)
         except CheckpointError as exc:  # truncated, not a torch file, objects weights_only refuses
-            log.warning("%s; starting afresh (it is replaced at the first checkpoint)", exc)
+            raise CheckpointError(f"{exc}; {way_out}") from None
+        if isinstance(state, dict) and state.get("config", self.config_key) != self.config_key:
+            log.warning("%s: the checkpoint of a different config; starting afresh (it is replaced at the first "
+                        "checkpoint)", path)
             return False
         why = self.unusable(state)
-        if why is not None:
+        if why is not None and why.startswith(FITS_NOT):  # the model's code changed since: start afresh
             log.warning("%s: cannot resume: %s; starting afresh (it is replaced at the first checkpoint)", path, why)
             return False
+        if why is not None:
+            raise CheckpointError(f"{path}: cannot resume: {why}; {way_out}")
         self.model.load_state_dict(state["model"])
         if self.ema:
             self.ema.model.load_state_dict(state["ema"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -217,21 +218,19 @@ def _bad_checkpoint(kind: str, path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["foreign-state-dict", "not-a-dict", "truncated"])
-def test_checkpoint_that_is_not_a_training_state_warns_naming_it_and_starts_afresh(tmp_path, caplog, kind):
+def test_checkpoint_that_is_not_a_training_state_is_refused_naming_it(tmp_path, kind):
     """Guards the bug of issue 7: a readable torch file lacking the training state's keys raised a
-    bare ``KeyError: 'config'``. Now every unusable file (also an unreadable one, as before) is
-    named in a warning, the run starts afresh and the file is replaced by a real checkpoint."""
+    bare ``KeyError: 'config'``. Now every file that is not a training state (an unreadable one too)
+    raises ``CheckpointError`` naming it and the way out, and is left as it is."""
+    from pipeline.checkpoint import CheckpointError
+
     c = cfg()
     state = run_dir(tmp_path / "c", c, {"run": 1}) / STATE
     _bad_checkpoint(kind, state)
-    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
-        result = fit(tmp_path / "c", c)
-    assert result.resumed_from == 0 and result.step == 12
-    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warning) == 1 and str(state) in warning[0] and "starting afresh" in warning[0], warning
-    if kind != "truncated":
-        assert "not a training state" in warning[0]
-    assert torch.load(state, weights_only=True)["step"] == 12  # replaced by the run's own state
+    before = state.read_bytes()
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(state))}: .*remove {re.escape(str(state))} to start"):
+        fit(tmp_path / "c", c)
+    assert state.read_bytes() == before
 
 
 def test_checkpoint_whose_weights_do_not_fit_the_model_warns_and_starts_afresh(tmp_path, caplog):
@@ -246,6 +245,7 @@ def test_checkpoint_whose_weights_do_not_fit_the_model_warns_and_starts_afresh(t
                        config={"run": 1})
     assert result.resumed_from == 0 and result.step == 12
     assert any("weights do not fit" in r.getMessage() and str(result.ckpt_dir / STATE) in r.getMessage()
+               and "starting afresh" in r.getMessage()
                for r in caplog.records)
 
 
