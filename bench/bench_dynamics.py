@@ -455,6 +455,14 @@ def bench_gpu(items: list[str], root: Path, loader: LoaderConfig, args) -> dict 
 # -- main --------------------------------------------------------------------------------------
 
 
+def progress(item: str, section: str, figures: dict | str) -> None:
+    """One line on stderr as each section ends (a long run on a shared machine)."""
+    if isinstance(figures, dict):
+        keys = ("tokens_per_s", "seconds_per_frame", "speedup_cached", "psnr")
+        figures = {k: v for k, v in figures.items() if k in keys or k.startswith(("speedup_", "psnr_drop_"))}
+    print(f"bench_dynamics: {item} {section}: {figures}", file=sys.stderr, flush=True)
+
+
 def fail(msg: str) -> None:
     print(f"bench_dynamics: {msg}", file=sys.stderr)
     raise SystemExit(2)
@@ -523,14 +531,17 @@ def main() -> None:
                                            if k in ("patch", "dim", "heads", "depth", "k_max")}}
                 if "shortcut" in sections and families[item] == "flow":
                     got["shortcut"] = bench_shortcut(world, ecfg, seqs, args.rounds)
+                    progress(item, "shortcut", got["shortcut"])
                 if "cache" in sections:
                     got["cache"] = bench_cache(world, ecfg, seqs, args.rounds)
+                    progress(item, "cache", got["cache"])
             elif "cache" in sections:
                 got["cache"] = f"no trained model at {p['dynamics']}"
         if "train" in sections:
             setup = TrainingSetup(cfg, p, loader, f"dynamics.{item}")
             got["train"] = bench_train(setup, args.warmup, args.steps, args.rounds,
                                        resolve_device(cfg.train.device))
+            progress(item, "train", got["train"])
         figures[item] = got
     if "gpu" in sections:
         figures["gpu"] = bench_gpu(items, root, loader, args)
