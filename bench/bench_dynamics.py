@@ -40,7 +40,11 @@ included) per wall second; the load average is recorded before and after: this m
 Run from the repository root::
 
     .venv/bin/python -m bench.bench_dynamics [--item gameplay|mnist] [--rounds 3] [--steps 20]
-        [--warmup 3] [--sections shortcut,cache,train,gpu] [--data-root data]
+        [--warmup 3] [--sections shortcut,cache,train,gpu] [--data-root data] [--threads 0]
+
+On a 2-core machine shared with other jobs, torch's default of 2 intra-op threads can make the
+small ops of these models many times slower (each parallel op waits for a thread that another job
+holds off the core); ``--threads 1`` shows it, the JSON records the setting.
 """
 from __future__ import annotations
 
@@ -478,6 +482,8 @@ def main() -> None:
     ap.add_argument("--gpu-batch", type=int, default=32, help="sequences rolled out at once for imagined frames/s")
     ap.add_argument("--data-root", type=Path, default=DATA,
                     help="directory laid out as the repository's data/ (e.g. /work/main/data)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (0: torch's default, as the stage runs)")
     ap.add_argument("--name", default="dynamics", help="result name: bench/results/<name>.json")
     args = ap.parse_args()
     items = args.item or list(DATASETS)
@@ -488,6 +494,10 @@ def main() -> None:
     if min(args.rounds, args.steps) < 1 or args.warmup < 0:
         fail(f"--rounds ({args.rounds}) and --steps ({args.steps}) must be >= 1, --warmup ({args.warmup}) >= 0")
 
+    if args.threads < 0:
+        fail(f"--threads ({args.threads}) must be >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     root = args.data_root
     loader = load_section("loader", LoaderConfig)
     cfgs = {item: load_section("dynamics", dyn.Config, item=item) for item in items}
@@ -515,7 +525,8 @@ def main() -> None:
              f"or point --data-root at a data directory that has one")
 
     figures: dict = {"load_before": [round(x, 2) for x in os.getloadavg()], "data_root": str(root),
-                     "items": items, "sections": sections, "rounds": args.rounds}
+                     "items": items, "sections": sections, "rounds": args.rounds,
+                     "torch_threads": torch.get_num_threads()}
     t_start = time.perf_counter()
     for item in items:
         cfg, p = cfgs[item], paths[item]
