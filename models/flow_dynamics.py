@@ -129,16 +129,21 @@ class Block(nn.Module):
         self.mlp = MLP(d, cfg.mlp_ratio)
         self.ada = nn.Linear(d, 9 * d)  # zero-initialised by FlowDynamics
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, past: KV | None = None,
+                time_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
         """``x``: (B, T, N, D) tokens, ``c``: (B, T, D) per-frame condition, ``past``: cached temporal
-        keys/values of earlier frames. Returns the new tokens and this call's temporal (k, v)."""
+        keys/values of earlier frames; ``time_mask``: (T, T) bool (True = may attend) in place of
+        the causal pattern. Returns the new tokens and this call's temporal (k, v)."""
         b, t, n, d = x.shape
         mod = self.ada(F.silu(c)).unsqueeze(2).chunk(9, dim=-1)  # each (B, T, 1, D)
         # attention on 3-D (batch, sequence, D) views, so SDPA gets 4-D inputs (its fused kernels)
         h = _modulate(self.norm1(x), mod[0], mod[1]).reshape(b * t, n, d)  # attend within a frame
         x = x + mod[2] * self.spatial(h).view(b, t, n, d)
         h = _modulate(self.norm2(x), mod[3], mod[4]).transpose(1, 2).reshape(b * n, t, d)  # over time
-        y, kv = self.temporal(h, is_causal=True, past=past, return_kv=True)
+        if time_mask is None:
+            y, kv = self.temporal(h, is_causal=True, past=past, return_kv=True)
+        else:
+            y, kv = self.temporal(h, mask=time_mask, past=past, return_kv=True)
         x = x + mod[5] * y.view(b, n, t, d).transpose(1, 2)
         x = x + mod[8] * self.mlp(_modulate(self.norm3(x), mod[6], mod[7]))
         return x, kv
@@ -242,6 +247,7 @@ class FlowDynamics(nn.Module):
         past: list[KV] | None = None,
         return_kv: bool = False,
         prev: tuple[torch.Tensor, torch.Tensor] | None = None,
+        ctx: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ):
         """Predict the clean latents (x-prediction).
 
@@ -256,7 +262,15 @@ class FlowDynamics(nn.Module):
         (0 for the first frame of a window), so a network that outputs nothing copies the last
         frame. ``prev``: (noisy latents (B, 1, H, W, C), signal level (B, 1)) of the frame before
         this call's first one (with a cache: the last cached frame), else that frame has no base.
+
+        ``ctx``: (latents (B, T, H, W, C), signal levels (B, T), step sizes (B, T)), a second copy
+        of the same T frames as context (context copies, for training): frame t of ``z_noisy`` then
+        sees the context copies of frames < t and itself, not the other noisy frames, just as
+        a new frame sees the cached context in a rollout, and its base is the context copy of
+        frame t-1. Each of the T frames is so a target with a context past, in one pass of 2T frames.
         """
+        if ctx is not None:
+            return self._forward_with_context(z_noisy, tau, d, actions, has, ctx)
         cfg = self.cfg
         h, w, c = cfg.latent_shape
         b, t = z_noisy.shape[:2]
@@ -281,6 +295,37 @@ class FlowDynamics(nn.Module):
         if cfg.residual:
             z_hat = z_hat + residual_base(z_noisy, tau, prev).to(z_hat.dtype)
         return (z_hat, kvs) if return_kv else z_hat
+
+    def _forward_with_context(self, z_noisy, tau, d, actions, has, ctx):
+        cfg = self.cfg
+        h, w, c = cfg.latent_shape
+        z_ctx, tau_ctx, d_ctx = ctx
+        b, t = z_noisy.shape[:2]
+        if z_ctx.shape != z_noisy.shape or tau_ctx.shape != (b, t) or d_ctx.shape != (b, t):
+            raise ValueError(f"context copies must match the frames {tuple(z_noisy.shape)} and levels ({b}, {t}), "
+                             f"got {tuple(z_ctx.shape)}, {tuple(tau_ctx.shape)}, {tuple(d_ctx.shape)}")
+        if t > cfg.max_frames:
+            raise ValueError(f"{t} frames exceed max_frames {cfg.max_frames}")
+        both = torch.cat([z_ctx, z_noisy], dim=1)  # (B, 2T, ...): context copies, then the targets
+        x = self.inp(patchify(both, cfg.patch).to(self.inp.weight.dtype))
+        pos = self.pos_time[:t]
+        x = x + self.pos_space + torch.cat([pos, pos])[:, None, :]
+        cond = torch.cat([self.condition(tau_ctx, d_ctx, actions, has), self.condition(tau, d, actions, has)], dim=1)
+        i = torch.arange(t, device=x.device)
+        causal = i[:, None] >= i[None, :]
+        mask = torch.zeros(2 * t, 2 * t, dtype=torch.bool, device=x.device)
+        mask[:t, :t] = causal                                   # context copies: causal among themselves
+        mask[t:, :t] = i[:, None] > i[None, :]                  # target t: context copies of frames < t
+        mask[t:, t:] = torch.eye(t, dtype=torch.bool, device=x.device)  # ... and itself
+        for block in self.blocks:
+            x, _ = block(x, cond, time_mask=mask)
+        shift, scale = self.ada_out(F.silu(cond[:, t:])).unsqueeze(2).chunk(2, dim=-1)
+        x = self.out(_modulate(self.norm_out(x[:, t:]), shift, scale))
+        z_hat = unpatchify(x, cfg.patch, h, w)
+        if cfg.residual:
+            base = torch.cat([torch.zeros_like(z_ctx[:, :1]), mmse(z_ctx[:, :-1], tau_ctx[:, :-1])], dim=1)
+            z_hat = z_hat + base.to(z_hat.dtype)
+        return z_hat
 
     # -- accounting --------------------------------------------------------------------------
 
@@ -322,12 +367,19 @@ def extend_cache(cache: list[KV] | None, new: list[KV]) -> list[KV]:
 class FlowLossConfig:
     """``k_max``: finest step 1 / k_max (the model's); ``tau_ctx``: signal level of context frames;
     ``bootstrap_fraction``: share of the batch trained with shortcut bootstrap targets;
-    context frames per window are uniform in [``min_context``, T - 1]."""
+    context frames per window are uniform in [max(``min_context``, T - ``max_targets``), T - 1]
+    (``max_targets`` 0: no bound, up to T - ``min_context`` target frames).
+    ``context_copies``: instead of a context prefix, every frame from ``min_context`` on is a
+    target, beside a copy of the window at ``tau_ctx`` that serves as its past
+    (``FlowDynamics.forward``'s ``ctx``): each target then sees a lightly corrupted past, as a
+    new frame does in a rollout, for twice the frames of a pass."""
 
     k_max: int = 64
     tau_ctx: float = 0.9
     bootstrap_fraction: float = 0.125
     min_context: int = 1
+    max_targets: int = 0
+    context_copies: bool = False
 
     def __post_init__(self):
         if self.k_max < 1 or self.k_max & (self.k_max - 1):
@@ -340,6 +392,8 @@ class FlowLossConfig:
             raise ValueError(f"bootstrap_fraction {self.bootstrap_fraction} > 0 needs k_max >= 2, got {self.k_max}")
         if self.min_context < 1:
             raise ValueError(f"min_context {self.min_context} must be >= 1")
+        if self.max_targets < 0:
+            raise ValueError(f"max_targets {self.max_targets} must be >= 0 (0: no bound)")
 
 
 def ramp_weight(tau: torch.Tensor) -> torch.Tensor:
@@ -362,8 +416,9 @@ def sample_levels(b: int, t: int, cfg: FlowLossConfig, generator: torch.Generato
                   device: torch.device | str = "cpu") -> Levels:
     """Diffusion-forcing levels for a (b, t) batch of windows.
 
-    Each window: a random prefix of ``min_context .. t-1`` context frames at ``tau_ctx`` with
-    ``d = 1/k_max``; the other frames are targets, each with its own step and level. Rows of the
+    Each window: a random prefix of ``min_context .. t-1`` context frames (at least
+    ``t - max_targets`` when ``max_targets`` > 0) at ``tau_ctx`` with ``d = 1/k_max``; the other
+    frames are targets, each with its own step and level. Rows of the
     bootstrap share (``round(b * bootstrap_fraction)`` rows, chosen at random) draw
     ``d = 2**i / k_max`` with i uniform in 1..log2 k_max, the others ``d = 1/k_max``; then
     ``tau = j * d`` with j uniform in 0 .. 1/d - 1 (the grid of its step, tau <= 1 - d).
@@ -371,7 +426,11 @@ def sample_levels(b: int, t: int, cfg: FlowLossConfig, generator: torch.Generato
     if t < cfg.min_context + 1:
         raise ValueError(f"windows of {t} frames leave no target after min_context {cfg.min_context}")
     kw = dict(generator=generator, device=device)
-    n_ctx = torch.randint(cfg.min_context, t, (b, 1), **kw)
+    lo = max(cfg.min_context, t - cfg.max_targets) if cfg.max_targets else cfg.min_context
+    if cfg.context_copies:  # every frame from min_context on (the copies are the context)
+        n_ctx = torch.full((b, 1), cfg.min_context, dtype=torch.long, device=device)
+    else:
+        n_ctx = torch.randint(lo, t, (b, 1), **kw)
     target = torch.arange(t, device=device) >= n_ctx  # (B, T)
     n_boot = int(math.floor(b * cfg.bootstrap_fraction + 0.5))
     bootstrap = torch.zeros(b, dtype=torch.bool, device=device)
@@ -390,7 +449,8 @@ def sample_levels(b: int, t: int, cfg: FlowLossConfig, generator: torch.Generato
 
 @torch.no_grad()
 def bootstrap_target(teacher: nn.Module, z_tilde: torch.Tensor, tau: torch.Tensor, d: torch.Tensor,
-                     target: torch.Tensor, actions: torch.Tensor, has: torch.Tensor, k_max: int) -> torch.Tensor:
+                     target: torch.Tensor, actions: torch.Tensor, has: torch.Tensor, k_max: int,
+                     ctx: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The shortcut x-space target ``z_tilde + (1 - tau) * b_bar`` (stop-grad).
 
     The teacher takes two half steps ``d/2`` with its own Euler steps on the target frames
@@ -398,21 +458,24 @@ def bootstrap_target(teacher: nn.Module, z_tilde: torch.Tensor, tau: torch.Tenso
     ``v' = (f(z_tilde, tau, d/2) - z_tilde) / (1 - tau)``, ``z' = z_tilde + d/2 * v'``,
     ``v'' = (f(z', tau + d/2, d/2) - z') / (1 - tau - d/2)``, ``b_bar = (v' + v'') / 2``.
     The student's loss ``(1 - tau)^2 |v_hat - b_bar|^2`` equals ``|z_hat - this|^2``.
+    ``ctx``: the context copies (``FlowDynamics.forward``), the same for both half steps.
     """
+    kw = {} if ctx is None else {"ctx": ctx}
     def frame(x):  # (B, T) -> (B, T, 1, 1, 1)
         return x.reshape(*x.shape, 1, 1, 1)
 
     half = torch.where(target, d / 2, 1.0 / k_max)
-    v1 = (teacher(z_tilde, tau, half, actions, has) - z_tilde) / frame(1 - tau)
+    v1 = (teacher(z_tilde, tau, half, actions, has, **kw) - z_tilde) / frame(1 - tau)
     z_mid = torch.where(frame(target), z_tilde + frame(half) * v1, z_tilde)
     tau_mid = torch.where(target, tau + half, tau)
-    v2 = (teacher(z_mid, tau_mid, half, actions, has) - z_mid) / frame(1 - tau_mid)
+    v2 = (teacher(z_mid, tau_mid, half, actions, has, **kw) - z_mid) / frame(1 - tau_mid)
     b_bar = (v1 + v2) / 2
     return z_tilde + frame(1 - tau) * b_bar
 
 
 def flow_loss_at(model: nn.Module, teacher: nn.Module | None, z: torch.Tensor, eps: torch.Tensor, levels: Levels,
-                 actions: torch.Tensor, has: torch.Tensor, k_max: int) -> tuple[torch.Tensor, dict[str, float]]:
+                 actions: torch.Tensor, has: torch.Tensor, k_max: int, ctx_eps: torch.Tensor | None = None,
+                 tau_ctx: float = 0.9) -> tuple[torch.Tensor, dict[str, float]]:
     """The shortcut-forcing loss at given levels and noise (deterministic; ``shortcut_forcing_loss``
     draws them). ``actions``/``has`` per frame. Returns ``(loss, parts)``; parts (floats): ``loss``;
     ``flow`` / ``bootstrap``: the ramp-weighted loss over the flow / bootstrap rows' target frames
@@ -423,16 +486,24 @@ def flow_loss_at(model: nn.Module, teacher: nn.Module | None, z: torch.Tensor, e
     (``bootstrap_target``, from ``teacher``, or ``model`` itself when None, without gradient). Each
     frame's mean squared error is weighted by ``ramp_weight(tau)``; the loss is the mean over
     all target frames of the batch (context frames carry none).
+    ``ctx_eps``: the noise of context copies at ``tau_ctx`` (``FlowLossConfig.context_copies``),
+    or None for none.
     """
     tau, d, target, boot = levels.tau, levels.d, levels.target, levels.bootstrap
     z_tilde = noisy(z, eps, tau)
-    z_hat = model(z_tilde, tau, d, actions, has)
+    ctx = None
+    if ctx_eps is not None:
+        ones = torch.ones_like(tau)
+        ctx = (noisy(z, ctx_eps, tau_ctx), ones * tau_ctx, ones / k_max)
+    kw = {} if ctx is None else {"ctx": ctx}
+    z_hat = model(z_tilde, tau, d, actions, has, **kw)
     goal = z
     if boot.any():
         teacher = model if teacher is None else teacher
         goal = z.clone()
         goal[boot] = bootstrap_target(teacher, z_tilde[boot], tau[boot], d[boot], target[boot],
-                                      actions[boot], has[boot], k_max)
+                                      actions[boot], has[boot], k_max,
+                                      None if ctx is None else tuple(x[boot] for x in ctx))
     per_frame = (z_hat.float() - goal.float()).pow(2).mean(dim=(2, 3, 4))  # (B, T)
     weighted = ramp_weight(tau) * per_frame
     tmask = target.float()
@@ -459,7 +530,8 @@ def shortcut_forcing_loss(model: nn.Module, teacher: nn.Module | None, z: torch.
 
     ``actions``: (B, T, ...) per transition, ``valid`` (B, T) bool (see ``frame_actions``);
     ``teacher``: module for the bootstrap targets (an EMA copy), or None for ``model`` itself.
-    Draws, in this order from ``generator``: the levels (``sample_levels``), then the noise.
+    Draws, in this order from ``generator``: the levels (``sample_levels``), then the noise
+    (then the context copies' noise, with ``cfg.context_copies``).
     All T frames are taken as one episode; ``valid`` only masks actions.
     Returns ``(loss, parts)`` as ``flow_loss_at``.
     """
@@ -470,8 +542,9 @@ def shortcut_forcing_loss(model: nn.Module, teacher: nn.Module | None, z: torch.
     b, t = z.shape[:2]
     levels = sample_levels(b, t, cfg, generator, z.device)
     eps = torch.randn(z.shape, generator=generator, device=z.device)
+    ctx_eps = torch.randn(z.shape, generator=generator, device=z.device) if cfg.context_copies else None
     cond, has = frame_actions(actions, valid)
-    return flow_loss_at(model, teacher, z, eps, levels, cond, has, cfg.k_max)
+    return flow_loss_at(model, teacher, z, eps, levels, cond, has, cfg.k_max, ctx_eps, cfg.tau_ctx)
 
 
 # --------------------------------------------------------------------------------------------

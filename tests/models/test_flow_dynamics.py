@@ -465,3 +465,77 @@ def test_residual_model_starts_as_a_copy_of_the_denoised_previous_frame():
         step = model(z[:, 2:3], tau[:, 2:3], d[:, 2:3], acts[:, 2:3], has[:, 2:3], past=kv,
                      prev=(z[:, 1:2], tau[:, 1:2]))
     torch.testing.assert_close(step, out[:, 2:3])
+
+
+# --------------------------------------------------------------------------------------------
+# context copies: every frame a target beside a lightly corrupted copy of its past
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_context_copies_give_each_frame_the_prediction_of_a_rollout_step(residual):
+    """With context copies, target frame t is predicted exactly as a rollout predicts a new frame:
+    from the context copies of frames < t and itself (the plain causal forward of
+    ``ctx[:t] + [z~_t]``), whatever the other target frames hold. A mask that let targets see
+    each other, or their own context copy, fails."""
+    model = tiny_model(3, residual=residual)
+    b, t = 2, 5
+    z_t, z_c = latents(b, t, seed=1), latents(b, t, seed=2)
+    g = torch.Generator().manual_seed(0)
+    tau = (torch.randint(0, 8, (b, t), generator=g) / 8).float()
+    d = torch.full((b, t), 1 / 8)
+    tau_c, d_c = torch.full((b, t), 0.9), torch.full((b, t), 1 / 8)
+    a = torch.randn(b, t, 2, generator=g)
+    cond, has = frame_actions(a)
+    with torch.no_grad():
+        both = model(z_t, tau, d, cond, has, ctx=(z_c, tau_c, d_c))
+        for i in range(t):
+            seq = torch.cat([z_c[:, :i], z_t[:, i:i + 1]], dim=1)
+            taus = torch.cat([tau_c[:, :i], tau[:, i:i + 1]], dim=1)
+            ds = torch.cat([d_c[:, :i], d[:, i:i + 1]], dim=1)
+            alone = model(seq, taus, ds, cond[:, :i + 1], has[:, :i + 1])[:, i]
+            torch.testing.assert_close(both[:, i], alone, atol=2e-5, rtol=1e-4)
+        other = z_t.clone()
+        other[:, 3:] = latents(b, 2, seed=7)
+        changed = model(other, tau, d, cond, has, ctx=(z_c, tau_c, d_c))
+    torch.testing.assert_close(changed[:, :3], both[:, :3], atol=1e-6, rtol=0)
+
+
+def test_context_copies_make_every_frame_after_min_context_a_target():
+    """``context_copies``: no context prefix; frames >= min_context are all targets; the loss runs
+    (with bootstrap rows, whose teacher sees the same copies) and is differentiable."""
+    cfg = FlowLossConfig(k_max=8, bootstrap_fraction=0.5, min_context=2, context_copies=True)
+    lv = sample_levels(4, 6, cfg, torch.Generator().manual_seed(0))
+    assert lv.target[:, :2].sum() == 0 and lv.target[:, 2:].all()
+    model = tiny_model(0)
+    model.train()
+    z = latents(4, 6, seed=3)
+    loss, parts = shortcut_forcing_loss(model, copy.deepcopy(model), z, torch.randn(4, 6, 2), None, cfg,
+                                        torch.Generator().manual_seed(1))
+    loss.backward()
+    assert torch.isfinite(loss) and parts["target_share"] == pytest.approx(4 / 6)
+    assert parts["bootstrap_rows"] == 2
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_context_copies_overfit_one_batch():
+    """The context-copies loss on one fixed batch falls below 20% of its start within 150 steps."""
+    torch.manual_seed(0)
+    model = FlowDynamics(FlowConfig(**{**TINY, "max_frames": 4}))
+    z, actions = latents(4, 4, seed=100), torch.randn(4, 4, 2, generator=torch.Generator().manual_seed(1))
+    cfg = FlowLossConfig(k_max=8, bootstrap_fraction=0.0, context_copies=True)
+
+    def evaluate():
+        with torch.no_grad():
+            return sum(shortcut_forcing_loss(model, None, z, actions, None, cfg, torch.Generator().manual_seed(9 + k))[1]
+                       ["flow_mse"] for k in range(8)) / 8
+
+    start = evaluate()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        loss, _ = shortcut_forcing_loss(model, None, z, actions, None, cfg, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert evaluate() < 0.2 * start
