@@ -258,6 +258,24 @@ class MaskedDynamics(nn.Module):
             x, _ = blk(x, mask=mask)
         return self._logits(x)
 
+    def forward_with_context(self, ids: torch.Tensor, ctx_ids: torch.Tensor, actions: torch.Tensor,
+                             has: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, H, W, levels) of frames ``ids`` (B, T, H, W), frame t seeing the context
+        copies ``ctx_ids[:, :t]`` (the same frames, clean) and itself, not the other frames of
+        ``ids``: each frame is predicted as the new frame of a rollout is, in one pass of 2T frames."""
+        if ctx_ids.shape != ids.shape:
+            raise ValueError(f"context copies {tuple(ctx_ids.shape)} must match the frames {tuple(ids.shape)}")
+        t = ids.shape[1]
+        x = torch.cat([self.embed(ctx_ids, actions, has), self.embed(ids, actions, has)], dim=1)
+        i = torch.arange(t, device=x.device)
+        mask = torch.zeros(2 * t, 2 * t, dtype=torch.bool, device=x.device)
+        mask[:t, :t] = i[:, None] >= i[None, :]  # the copies: causal among themselves
+        mask[t:, :t] = i[:, None] > i[None, :]   # frame t: the copies of frames < t ...
+        mask[t:, t:] = torch.eye(t, dtype=torch.bool, device=x.device)  # ... and itself
+        for blk in self.blocks:
+            x, _ = blk(x, mask=mask)
+        return self._logits(x[:, t:])
+
     def forward_cached(
         self,
         ids: torch.Tensor,
@@ -299,6 +317,9 @@ class MaskedLossConfig:
     individual_temporal: str = "identity"
     future_min_ratio: float = 0.5  # a future frame's mask ratio ~ U(min, max), per frame
     future_max_ratio: float = 1.0
+    # future with context copies: every frame after the first masked, each beside a clean copy of
+    # its past (``MaskedDynamics.forward_with_context``), as a new frame in a rollout
+    future_copies: bool = False
 
     def __post_init__(self):
         w = self.weights
@@ -366,6 +387,8 @@ def masked_objective_batch(
     ratio = torch.where(is_future[:, None], ratio_future, ratio_denoise)
     counts = torch.ceil(ratio * n).long().clamp(1, n)  # every masked frame has >= 1 MASK
     context = 1 + (_rand((b,), generator, torch.float64).cpu() * max(t - 1, 1)).long()  # c ~ U{1..T-1}
+    if cfg.future_copies:  # the clean copies are the past: every frame after the first is future
+        context = torch.ones_like(context)
     is_context = is_future[:, None] & (torch.arange(t)[None] < context[:, None])
     counts = counts.masked_fill(is_context, 0)
 
@@ -377,6 +400,25 @@ def masked_objective_batch(
     kinds = [temporal_mask(getattr(cfg, f"{name}_temporal"), t) for name in OBJECTIVES]
     temporal = torch.stack(kinds)[[OBJECTIVES.index(name) for name in names]].to(dev)
     return input_ids, mask, temporal
+
+
+def objective_logits(model: "MaskedDynamics", input_ids: torch.Tensor, ids: torch.Tensor, actions: torch.Tensor,
+                     has: torch.Tensor, temporal: torch.Tensor, objectives: Sequence[str],
+                     cfg: MaskedLossConfig) -> torch.Tensor:
+    """Logits of a ``masked_objective_batch``: ``model(input_ids, ...)`` under each sequence's
+    temporal mask; with ``cfg.future_copies`` the future rows instead through
+    ``forward_with_context`` beside their clean ``ids``."""
+    fut = torch.tensor([o == "future" for o in objectives], dtype=torch.bool, device=ids.device)
+    if not cfg.future_copies or not bool(fut.any()):
+        return model(input_ids, actions, has, temporal)
+    f = model.forward_with_context(input_ids[fut], ids[fut], actions[fut], has[fut])
+    if bool(fut.all()):
+        return f
+    rest = model(input_ids[~fut], actions[~fut], has[~fut], temporal[~fut])
+    out = f.new_empty((ids.shape[0], *f.shape[1:]))
+    out[fut] = f
+    out[~fut] = rest.to(f.dtype)
+    return out
 
 
 def masked_loss(

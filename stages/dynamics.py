@@ -112,6 +112,8 @@ class ObjectiveParams(StrictModel):
     individual_temporal: Literal["causal", "bidirectional", "identity"] = "identity"
     future_min_ratio: float = Field(0.5, gt=0, le=1, description="future frames' mask ratio ~ U(min, max)")
     future_max_ratio: float = Field(1.0, gt=0, le=1)
+    future_copies: bool = Field(False, description="future prediction of every frame after the first at once, "
+                                "each beside a clean copy of its past (as a new frame in a rollout)")
 
     @model_validator(mode="after")
     def _check(self) -> "ObjectiveParams":
@@ -290,7 +292,7 @@ def loss_function(cfg: Config, mask_id: int | None, norm: dict | None = None):
             objectives = masked_dynamics.sample_objectives(ids.shape[0], None, loss_cfg)
             inp, loss_mask, temporal = masked_dynamics.masked_objective_batch(ids, objectives, None, loss_cfg, mask_id)
             cond, has = frame_actions(acts, valid)
-            logits = model(inp, cond, has, temporal)
+            logits = masked_dynamics.objective_logits(model, inp, ids, cond, has, temporal, objectives, loss_cfg)
             return masked_dynamics.masked_loss(logits, ids, loss_mask, objectives)
 
         return masked_loss_fn

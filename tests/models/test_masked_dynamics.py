@@ -499,3 +499,50 @@ def test_overfits_one_small_batch():
             hit += int(((pred == ids) & loss_mask).sum())
             total += int(loss_mask.sum())
     assert hit / total > 0.9, f"masked-token accuracy {hit / total:.3f} after 150 steps ({elapsed:.1f} s)"
+
+
+# --------------------------------------------------------------------------------------------
+# future prediction with context copies
+# --------------------------------------------------------------------------------------------
+
+
+def test_context_copies_predict_each_frame_as_a_rollout_step():
+    """``forward_with_context``: frame t's logits equal the causal forward of the clean frames < t
+    followed by masked frame t (a rollout's unmasking step), whatever the other masked frames hold."""
+    model = small_model(2)
+    b, t = 2, 5
+    clean, masked = tokens(b, t, seed=1), tokens(b, t, seed=2)
+    masked[:, :, :4] = MASK
+    cond, has = frame_actions(moves(b, t))
+    with torch.no_grad():
+        both = model.forward_with_context(masked, clean, cond, has)
+        for i in range(t):
+            seq = torch.cat([clean[:, :i], masked[:, i:i + 1]], dim=1)
+            alone = model(seq, cond[:, :i + 1], has[:, :i + 1], "causal")[:, i]
+            torch.testing.assert_close(both[:, i], alone, atol=2e-5, rtol=1e-4)
+        other = masked.clone()
+        other[:, 3:] = tokens(b, 2, seed=9)
+        changed = model.forward_with_context(other, clean, cond, has)
+    torch.testing.assert_close(changed[:, :3], both[:, :3], atol=1e-6, rtol=0)
+
+
+def test_future_copies_mask_every_frame_after_the_first_and_train():
+    """``future_copies``: future rows keep frame 0 clean and mask every later frame; the batch's
+    logits route future rows through the copies and the other rows through their temporal masks."""
+    from models.masked_dynamics import objective_logits
+
+    cfg = MaskedLossConfig(future_copies=True)
+    ids = tokens(4, 6, seed=4)
+    names = ["future", "joint", "future", "individual"]
+    inp, loss_mask, temporal = masked_objective_batch(ids, names, torch.Generator().manual_seed(0), cfg, MASK)
+    fut = torch.tensor([n == "future" for n in names])
+    assert not loss_mask[fut, 0].any() and loss_mask[fut, 1:].flatten(2).any(-1).all()
+    model = small_model(0)
+    cond, has = frame_actions(moves(4, 6))
+    logits = objective_logits(model, inp, ids, cond, has, temporal, names, cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(logits[fut], model.forward_with_context(inp[fut], ids[fut], cond[fut], has[fut]))
+        torch.testing.assert_close(logits[~fut], model(inp[~fut], cond[~fut], has[~fut], temporal[~fut]))
+    loss, _ = masked_loss(logits, ids, loss_mask, names)
+    loss.backward()
+    assert torch.isfinite(loss)
