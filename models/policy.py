@@ -127,9 +127,12 @@ class PolicyConfig:
     heads: int = 4
     depth: int = 2
     mlp_ratio: int = 4
+    past_actions: int = 0                   # the state also holds the P action ids that led to its last frame
 
     def __post_init__(self):
         self.state_shape = tuple(self.state_shape)
+        if self.past_actions < 0:
+            raise ValueError(f"past_actions {self.past_actions} must be >= 0")
         if self.n_actions < 2:
             raise ValueError(f"n_actions {self.n_actions} must be >= 2")
         if self.horizon < 1:
@@ -176,6 +179,20 @@ def _check_state(state: torch.Tensor, frames: int, kind: str, shape: tuple[int, 
                          f"for state_kind {kind!r}")
     if kind == "tokens" and state.is_floating_point():
         raise ValueError(f"{who}: state_kind 'tokens' needs integer ids, got dtype {state.dtype}")
+
+
+def _check_past(past: torch.Tensor | None, p: int, n_actions: int, b: int, who: str) -> None:
+    """``past``: (B, p) action ids, required exactly when ``p`` > 0."""
+    if p == 0:
+        if past is not None:
+            raise ValueError(f"{who}: past actions given to a model built with past_actions = 0")
+        return
+    if past is None or tuple(past.shape) != (b, p) or past.is_floating_point():
+        got = None if past is None else f"{tuple(past.shape)} {past.dtype}"
+        raise ValueError(f"{who}: past actions must be integer ids (B, past_actions) = ({b}, {p}), got {got}")
+    if past.numel() and (int(past.min()) < 0 or int(past.max()) >= n_actions):
+        raise ValueError(f"{who}: past action ids span [{int(past.min())}, {int(past.max())}], "
+                         f"outside 0..{n_actions - 1}")
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -323,6 +340,10 @@ class MDLMPolicy(nn.Module):
         self.pos_emb = nn.Parameter(torch.randn(1, cfg.horizon, d))
         self.t_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.state_enc = StateEncoder(cfg)
+        if cfg.past_actions:  # unit scale, like the LayerNormed state tokens they join
+            self.past_emb = nn.Embedding(cfg.n_actions, d)
+            nn.init.normal_(self.past_emb.weight)
+            self.past_pos = nn.Parameter(torch.randn(1, cfg.past_actions, d))
         cross = cfg.conditioning == "cross_attention"
         if not cross:
             self.pool_query = nn.Parameter(torch.randn(1, 1, d) * 0.02)
@@ -339,7 +360,10 @@ class MDLMPolicy(nn.Module):
     def mask_id(self) -> int:
         return self.cfg.n_actions
 
-    def forward(self, ids: torch.Tensor, state: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, state: torch.Tensor, t: torch.Tensor | None = None,
+                past: torch.Tensor | None = None) -> torch.Tensor:
+        """``past`` (B, past_actions): the action ids that led to the state's last frame (oldest
+        first), state tokens of their own beside the latents' (required iff ``past_actions`` > 0)."""
         cfg = self.cfg
         if ids.dim() != 2 or ids.shape[1] != cfg.horizon:
             raise ValueError(f"action ids of shape {tuple(ids.shape)} must be (B, horizon={cfg.horizon})")
@@ -351,6 +375,9 @@ class MDLMPolicy(nn.Module):
             raise ValueError(f"t of shape {tuple(t.shape)} must be (B,) = ({ids.shape[0]},)")
         c = self.t_mlp(sinusoidal_embedding(t * 1000.0, cfg.dim))
         s = self.state_enc(state)                                     # (B, N, D)
+        _check_past(past, cfg.past_actions, cfg.n_actions, ids.shape[0], "MDLMPolicy")
+        if cfg.past_actions:
+            s = torch.cat([s, self.past_emb(past.long()) + self.past_pos], dim=1)
         x = self.action_emb(ids.long()) + self.pos_emb                # (B, H, D)
         ctx = None
         if cfg.conditioning == "cross_attention":
@@ -457,7 +484,8 @@ def training_loss(model: MDLMPolicy, actions: torch.Tensor, state: torch.Tensor,
                   schedule: str = "linear", weighting: str = "nelbo",
                   t_range: tuple[float, float] = (1e-3, 1.0), stratified: bool = True,
                   ensure_masked: bool | None = None,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  generator: torch.Generator | None = None,
+                  past: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One MDLM training loss on clean ``actions`` (B, H) given ``state``.
 
     One mask time per sequence, t ~ U(t_range) (a curriculum passes ``(lo, curriculum_t_max(step,
@@ -473,13 +501,13 @@ def training_loss(model: MDLMPolicy, actions: torch.Tensor, state: torch.Tensor,
         ensure_masked = weighting == "uniform"
     t = sample_t(actions.shape[0], t_range, stratified, generator, actions.device)
     z, masked = mask_actions(actions, t, model.mask_id, schedule, ensure_masked, generator)
-    logits = model(z, state, mask_ratio(z, model.mask_id))
+    logits = model(z, state, mask_ratio(z, model.mask_id), past)
     return mdlm_loss(logits, actions, masked, t, schedule, weighting)
 
 
 @torch.no_grad()
 def nelbo(model: MDLMPolicy, actions: torch.Tensor, state: torch.Tensor, *, schedule: str = "linear",
-          n_t: int = 16, generator: torch.Generator | None = None) -> torch.Tensor:
+          n_t: int = 16, generator: torch.Generator | None = None, past: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) MDLM NELBO estimate per sequence in nats per action token (an upper bound on the
     per-token NLL): the t-integral by the midpoint rule on ``n_t`` points, one random mask per
     point, no forced masking (unbiased in the mask draws)."""
@@ -489,7 +517,7 @@ def nelbo(model: MDLMPolicy, actions: torch.Tensor, state: torch.Tensor, *, sche
     for i in range(n_t):
         t = torch.full((b,), (i + 0.5) / n_t, device=actions.device)
         z, masked = mask_actions(actions, t, model.mask_id, schedule, False, generator)
-        logits = model(z, state, mask_ratio(z, model.mask_id))
+        logits = model(z, state, mask_ratio(z, model.mask_id), past)
         ce = F.cross_entropy(logits.float().transpose(1, 2), actions.long(), reduction="none")
         total += nelbo_weight(t, schedule) * torch.where(masked, ce, torch.zeros_like(ce)).sum(1) / h
     return total / n_t
@@ -557,7 +585,7 @@ def maskgit_n_keep(n0: torch.Tensor, count: torch.Tensor, k: int, steps: int) ->
 @torch.no_grad()
 def sample_maskgit(model: MDLMPolicy, state: torch.Tensor, steps: int, *, fixed: torch.Tensor | None = None,
                    temperature: float = 1.0, top_k: int | None = None, confidence_noise: float = 0.0,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, past: torch.Tensor | None = None) -> torch.Tensor:
     """Confidence-based iterative unmasking (MaskGIT) in ``steps`` steps; returns (B, H) ids in
     0..n_actions-1 (complete: no MASK left).
 
@@ -577,7 +605,7 @@ def sample_maskgit(model: MDLMPolicy, state: torch.Tensor, steps: int, *, fixed:
         count = masked.sum(dim=1)
         if not bool(count.any()):
             break
-        logits = model(z, state, mask_ratio(z, model.mask_id))
+        logits = model(z, state, mask_ratio(z, model.mask_id), past)
         ids, conf = _draw(logits, temperature, top_k, generator)
         if confidence_noise > 0:
             u = torch.rand(conf.shape, generator=generator, device=conf.device).clamp_(1e-20, 1.0)
@@ -592,7 +620,7 @@ def sample_maskgit(model: MDLMPolicy, state: torch.Tensor, steps: int, *, fixed:
 @torch.no_grad()
 def ancestral_step(model: MDLMPolicy, z: torch.Tensor, state: torch.Tensor, t: float, s: float, *,
                    schedule: str = "linear", temperature: float = 1.0, top_k: int | None = None,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, past: torch.Tensor | None = None) -> torch.Tensor:
     """One MDLM ancestral step from time ``t`` to ``s < t``: every masked position of ``z``
     (B, H) is revealed with probability ``(alpha_s - alpha_t) / (1 - alpha_t)`` (1 when s = 0)
     with an id drawn from the model's distribution; unmasked ids are carried over. Returns the
@@ -607,7 +635,7 @@ def ancestral_step(model: MDLMPolicy, z: torch.Tensor, state: torch.Tensor, t: f
     else:
         a_t, a_s = (float(alpha(torch.tensor(v, dtype=torch.float64), schedule)) for v in (t, s))
         p = (a_s - a_t) / (1.0 - a_t)
-    logits = model(z, state, mask_ratio(z, model.mask_id))
+    logits = model(z, state, mask_ratio(z, model.mask_id), past)
     ids, _ = _draw(logits, temperature, top_k, generator)
     reveal = masked & (torch.rand(z.shape, generator=generator, device=z.device) < p)
     return torch.where(reveal, ids, z)
@@ -616,7 +644,7 @@ def ancestral_step(model: MDLMPolicy, z: torch.Tensor, state: torch.Tensor, t: f
 @torch.no_grad()
 def sample_ancestral(model: MDLMPolicy, state: torch.Tensor, steps: int, *, schedule: str = "linear",
                      fixed: torch.Tensor | None = None, temperature: float = 1.0, top_k: int | None = None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, past: torch.Tensor | None = None) -> torch.Tensor:
     """MDLM's ancestral sampler: ``steps`` steps of ``ancestral_step`` on the uniform grid from
     t = 1 to t = 0 (the last step reveals all). ``fixed`` as in ``sample_maskgit``. Returns
     (B, H) ids in 0..n_actions-1."""
@@ -627,7 +655,7 @@ def sample_ancestral(model: MDLMPolicy, state: torch.Tensor, steps: int, *, sche
     for i in range(steps):
         t, s = 1.0 - i / steps, 1.0 - (i + 1) / steps
         z = ancestral_step(model, z, state, t, s, schedule=schedule,
-                           temperature=temperature, top_k=top_k, generator=generator)
+                           temperature=temperature, top_k=top_k, generator=generator, past=past)
     return z
 
 
@@ -881,6 +909,7 @@ class MLPPolicyConfig:
     token_dim: int = 4          # tokens: embedding width per cell before flattening
     hidden: int = 256
     layers: int = 2             # hidden layers
+    past_actions: int = 0       # the P action ids that led to the state's last frame, one-hot beside it
 
     def __post_init__(self):
         self.state_shape = tuple(self.state_shape)
@@ -914,6 +943,7 @@ class MLPPolicy(nn.Module):
             width = cells * cfg.token_dim
         else:
             width = cells * cfg.state_shape[2]
+        width += cfg.past_actions * cfg.n_actions
         layers: list[nn.Module] = []
         for _ in range(cfg.layers):
             layers += [nn.Linear(width, cfg.hidden), nn.GELU()]
@@ -921,30 +951,34 @@ class MLPPolicy(nn.Module):
         layers.append(nn.Linear(width, cfg.n_actions))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, state: torch.Tensor) -> torch.Tensor:
+    def forward(self, state: torch.Tensor, past: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
         _check_state(state, cfg.state_frames, cfg.state_kind, cfg.state_shape, "MLPPolicy")
-        x = self.embed(state.long()) if cfg.state_kind == "tokens" else state.float()
-        return self.net(x.flatten(1))
+        _check_past(past, cfg.past_actions, cfg.n_actions, state.shape[0], "MLPPolicy")
+        x = (self.embed(state.long()) if cfg.state_kind == "tokens" else state.float()).flatten(1)
+        if cfg.past_actions:
+            x = torch.cat([x, F.one_hot(past.long(), cfg.n_actions).to(x.dtype).flatten(1)], dim=1)
+        return self.net(x)
 
-    def sequence_logits(self, state: torch.Tensor, horizon: int) -> torch.Tensor:
+    def sequence_logits(self, state: torch.Tensor, horizon: int, past: torch.Tensor | None = None) -> torch.Tensor:
         """(B, horizon, n_actions): the one-step distribution repeated at every position."""
-        return self(state)[:, None].expand(-1, horizon, -1)
+        return self(state, past)[:, None].expand(-1, horizon, -1)
 
-    def predict(self, state: torch.Tensor, horizon: int) -> torch.Tensor:
+    def predict(self, state: torch.Tensor, horizon: int, past: torch.Tensor | None = None) -> torch.Tensor:
         """(B, horizon) argmax ids (the same id at every position)."""
-        return self(state).argmax(-1)[:, None].expand(-1, horizon)
+        return self(state, past).argmax(-1)[:, None].expand(-1, horizon)
 
 
 def mlp_policy_loss(model: MLPPolicy, actions: torch.Tensor, state: torch.Tensor,
-                    positions: str = "first") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    positions: str = "first",
+                    past: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Cross-entropy of ``MLPPolicy`` against the next action (``positions="first"``) or against
     every horizon position (``"all"``: fits the per-state action distribution over the horizon).
     Returns ``(loss, parts)`` with detached ``loss`` and ``accuracy`` (first action)."""
     if positions not in ("first", "all"):
         raise ValueError(f"unknown positions {positions!r}; expected 'first' or 'all'")
     _check_actions(actions, model.cfg.n_actions, "mlp_policy_loss")
-    logits = model(state)
+    logits = model(state, past)
     if positions == "first":
         loss = F.cross_entropy(logits, actions[:, 0].long())
     else:

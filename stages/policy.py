@@ -115,6 +115,8 @@ class ModelParams(StrictModel):
     heads: int = Field(4, gt=0)
     depth: int = Field(2, gt=0, description="DiT blocks (AdaLN-Zero on the mask level)")
     mlp_ratio: int = Field(4, gt=0)
+    past_actions: int = Field(0, ge=0, description="the state also holds the P actions that led to its last frame "
+                              "(the agent's own recent moves; at most state_frames - 1); the MLP baseline gets them too")
 
 
 class LossParams(StrictModel):
@@ -173,6 +175,9 @@ class Config(StrictModel):
     def _check(self) -> "Config":
         if any(not 0 < t < 1 for t in self.eval.mask_levels):
             raise ValueError(f"eval.mask_levels must lie in (0, 1), got {self.eval.mask_levels}")
+        if self.model.past_actions > self.state_frames - 1:
+            raise ValueError(f"model.past_actions ({self.model.past_actions}) must be at most state_frames - 1 "
+                             f"({self.state_frames - 1}): the moves between the state's frames")
         return self
 
     @property
@@ -228,13 +233,26 @@ def state_layout(latents: torch.Tensor, kind: str) -> torch.Tensor:
     return z
 
 
-def split_batch(batch: dict, cfg: Config, coder: ActionCoder, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(state (B, state_frames, ...), action ids (B, H)) of a window batch."""
+def split_batch(batch: dict, cfg: Config, coder: ActionCoder,
+                kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(state (B, state_frames, ...), action ids (B, H), past action ids (B, P) or None) of a
+    window batch."""
     s, h = cfg.state_frames, cfg.horizon
     state = state_layout(batch[LATENTS_KEY][:, :s], kind)
     sl = slice(s - 1, s - 1 + h)  # actions[t]: the move from frame t; t = s-1 is the current frame
     ids = coder.ids(batch[ACTIONS_KEY][:, sl], batch[ACTION_CLASS_KEY][:, sl] if coder.discrete else None)
-    return state, ids
+    return state, ids, past_ids(batch[ACTIONS_KEY], batch.get(ACTION_CLASS_KEY), s - 1, cfg, coder)
+
+
+def past_ids(actions, action_class, now: int, cfg: Config, coder: ActionCoder) -> torch.Tensor | None:
+    """The ids (B, P) of the P = ``model.past_actions`` moves that led to frame ``now`` of
+    per-transition ``actions`` (B, T, ...) / ``action_class`` (B, T); None when P = 0."""
+    p = cfg.model.past_actions
+    if p == 0:
+        return None
+    sl = slice(now - p, now)
+    ids = coder.ids(actions[:, sl], action_class[:, sl] if coder.discrete else None)
+    return torch.as_tensor(ids).long().clamp(min=0)
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -242,7 +260,7 @@ def split_batch(batch: dict, cfg: Config, coder: ActionCoder, kind: str) -> tupl
 
 @torch.no_grad()
 def policy_metrics(model, mlp, coder: ActionCoder, cfg: Config, state: torch.Tensor, ids: torch.Tensor,
-                   train_ids_flat: torch.Tensor) -> dict:
+                   train_ids_flat: torch.Tensor, past: torch.Tensor | None = None) -> dict:
     """Held-out metrics of the policy beside the marginal and the MLP baselines."""
     gen = torch.Generator(device=state.device).manual_seed(cfg.eval.seed)
     bs = cfg.eval.batch_size
@@ -252,15 +270,16 @@ def policy_metrics(model, mlp, coder: ActionCoder, cfg: Config, state: torch.Ten
     per_level: dict[float, list] = {t: [] for t in cfg.eval.mask_levels}
     for i in range(0, len(ids), bs):
         st, a = state[i : i + bs], ids[i : i + bs]
-        nll.append(nelbo(model, a, st, schedule=cfg.loss.schedule, n_t=cfg.eval.nelbo_points, generator=gen))
+        pa = None if past is None else past[i : i + bs]
+        nll.append(nelbo(model, a, st, schedule=cfg.loss.schedule, n_t=cfg.eval.nelbo_points, generator=gen, past=pa))
         all_masked = torch.full_like(a, mask_id)
-        first_logits.append(model(all_masked, st)[:, 0])
-        samples.append(sample(model, st, cfg, gen, temperature=0.0))
-        mlp_logits.append(mlp.sequence_logits(st, cfg.horizon))
+        first_logits.append(model(all_masked, st, past=pa)[:, 0])
+        samples.append(sample(model, st, cfg, gen, temperature=0.0, past=pa))
+        mlp_logits.append(mlp.sequence_logits(st, cfg.horizon, pa))
         for t in cfg.eval.mask_levels:
             tt = torch.full((len(a),), t)
             z, masked = mask_actions(a, tt, mask_id, cfg.loss.schedule, True, gen)
-            logits = model(z, st).float().log_softmax(-1)
+            logits = model(z, st, past=pa).float().log_softmax(-1)
             ce = -logits.gather(-1, a[..., None]).squeeze(-1)
             per_level[t].append((ce[masked], (logits.argmax(-1) == a)[masked]))
     out["nll"] = float(torch.cat(nll).mean())
@@ -288,13 +307,14 @@ def policy_metrics(model, mlp, coder: ActionCoder, cfg: Config, state: torch.Ten
     return out
 
 
-def sample(model, state: torch.Tensor, cfg: Config, gen: torch.Generator, temperature: float | None = None):
+def sample(model, state: torch.Tensor, cfg: Config, gen: torch.Generator, temperature: float | None = None,
+           past: torch.Tensor | None = None):
     s = cfg.sample
     temp = s.temperature if temperature is None else temperature
     if s.sampler == "ancestral":
         return sample_ancestral(model, state, s.steps, schedule=cfg.loss.schedule, temperature=temp,
-                                top_k=s.top_k, generator=gen)
-    return sample_maskgit(model, state, s.steps, temperature=temp, top_k=s.top_k, generator=gen)
+                                top_k=s.top_k, generator=gen, past=past)
+    return sample_maskgit(model, state, s.steps, temperature=temp, top_k=s.top_k, generator=gen, past=past)
 
 
 # -- imagination ---------------------------------------------------------------------------------
@@ -324,12 +344,13 @@ def imagination(model, coder: ActionCoder, cfg: Config, world: World, lat: Episo
         acts = np.stack([aa[int(a) : int(b)] for a, b in part])
         valid = np.stack([va[int(a) : int(b)] for a, b in part])
         state = state_layout(torch.from_numpy(latents[:, c - cfg.state_frames : c]), kind)
+        classes = np.stack([ca[int(a) : int(b)] for a, b in part]).astype(np.int64) if coder.discrete else None
+        past = past_ids(acts, classes, c - 1, cfg, coder)
         with torch.no_grad():
-            ids = sample(model, state, cfg, gen)                                  # (B, H) chosen
+            ids = sample(model, state, cfg, gen, past=past)                       # (B, H) chosen
         # the context's real actions, then the chosen ones from the last context frame on
         if coder.discrete:
-            cls = np.stack([ca[int(a) : int(b)] for a, b in part]).astype(np.int64)
-            cond = torch.from_numpy(cls).clamp(min=0)
+            cond = torch.from_numpy(classes).clamp(min=0)
         else:
             cond = torch.from_numpy(acts).float()
         cond = cond.clone()
@@ -452,7 +473,7 @@ def run(cfg: Config, item: str, paths: dict[str, Path], out_dir: Path | str, gif
                  "state_vocab": tok_meta["config"].get("levels", 16) + 1, **cfg.model.model_dump()}
     mlp_cfg = {"n_actions": coder.n_actions, "state_frames": cfg.state_frames, "state_kind": kind,
                "state_shape": state_shape, "state_vocab": model_cfg["state_vocab"],
-               **cfg.mlp.model_dump(exclude={"train"})}
+               "past_actions": cfg.model.past_actions, **cfg.mlp.model_dump(exclude={"train"})}
     try:
         torch.manual_seed(cfg.train.seed)
         model = registry.build("policy", "mdlm", model_cfg).to(device)
@@ -469,10 +490,10 @@ def run(cfg: Config, item: str, paths: dict[str, Path], out_dir: Path | str, gif
     start = cfg.loss.curriculum_start
 
     def loss_fn(m, batch, step):
-        state, ids = split_batch(batch, cfg, coder, kind)
+        state, ids, past = split_batch(batch, cfg, coder, kind)
         t_max = curriculum_t_max(step, steps, start) if start < 1 else 1.0
         loss, parts = training_loss(m, ids, state, schedule=cfg.loss.schedule, weighting=cfg.loss.weighting,
-                                    t_range=(1e-3, t_max))
+                                    t_range=(1e-3, t_max), past=past)
         return loss, {k: float(v) for k, v in parts.items() if k != "loss"}
 
     t0 = time.perf_counter()
@@ -481,8 +502,8 @@ def run(cfg: Config, item: str, paths: dict[str, Path], out_dir: Path | str, gif
     train_seconds = time.perf_counter() - t0
 
     def mlp_loss(m, batch, step):
-        state, ids = split_batch(batch, cfg, coder, kind)
-        loss, parts = mlp_policy_loss(m, ids, state, positions="all")
+        state, ids, past = split_batch(batch, cfg, coder, kind)
+        loss, parts = mlp_policy_loss(m, ids, state, positions="all", past=past)
         return loss, {"accuracy": float(parts["accuracy"])}
 
     t1 = time.perf_counter()
@@ -497,9 +518,9 @@ def run(cfg: Config, item: str, paths: dict[str, Path], out_dir: Path | str, gif
     held = WindowDataset(src, cfg.window, 1, val_ids, LoaderConfig(num_workers=0))
     pick = np.linspace(0, len(held) - 1, min(len(held), cfg.eval.max_windows)).round().astype(int)
     batch = {k: torch.from_numpy(np.stack([held[int(i)][k] for i in pick])) for k in src}
-    state, ids = split_batch(batch, cfg, coder, kind)
+    state, ids, past = split_batch(batch, cfg, coder, kind)
     train_batch_ids = _train_action_ids(act, train_ids, coder)
-    metrics = policy_metrics(model, mlp, coder, cfg, state, ids, torch.from_numpy(train_batch_ids))
+    metrics = policy_metrics(model, mlp, coder, cfg, state, ids, torch.from_numpy(train_batch_ids), past)
 
     if item == "gameplay":
         extractor = gameplay_extractor(gameplay_cfg)

@@ -294,7 +294,7 @@ def test_training_pairs_take_the_actions_from_the_current_frame_on(ds, worlds):
     """A training pair is the state (frames 0..K-1 of a window; K-1 the current frame) and the ids
     of transitions K-1 .. K+H-2: the first target is the move out of the current frame."""
     paths = worlds[ds]
-    cfg = policy_config(state_frames=3, horizon=4)
+    cfg = policy_config(state_frames=3, horizon=4, model={"past_actions": 2})
     act = EpisodeStore.open(paths["actions"])
     coder = stage.fit_coder(cfg, act, np.arange(act.n_episodes))
     names = [LATENTS_KEY, ACTIONS_KEY, VALID_KEY] + ([ACTION_CLASS_KEY] if coder.discrete else [])
@@ -302,8 +302,8 @@ def test_training_pairs_take_the_actions_from_the_current_frame_on(ds, worlds):
     stores = {LATENTS_KEY: EpisodeStore.open(paths["latents"]), ACTIONS_KEY: act, VALID_KEY: act, ACTION_CLASS_KEY: act}
     batch = {k: torch.from_numpy(np.stack([stores[k].array(k)[a:b] for a, b in rows])) for k in names}
     kind = "tokens" if ds == "mnist" else "continuous"
-    state, ids = stage.split_batch(batch, cfg, coder, kind)
-    assert state.shape[:2] == (len(rows), 3) and ids.shape == (len(rows), 4)
+    state, ids, past = stage.split_batch(batch, cfg, coder, kind)
+    assert state.shape[:2] == (len(rows), 3) and ids.shape == (len(rows), 4) and past.shape == (len(rows), 2)
     assert torch.equal(state.float().flatten(2), batch[LATENTS_KEY][:, :3].float().flatten(2))
     for i, (a, _) in enumerate(rows):
         if coder.discrete:
@@ -311,3 +311,9 @@ def test_training_pairs_take_the_actions_from_the_current_frame_on(ds, worlds):
         else:
             want = coder.ids(act.array(ACTIONS_KEY)[a + 2 : a + 6])
         assert ids[i].tolist() == np.asarray(want).tolist(), (i, a)
+        # the past: the moves into the current frame (transitions 0 and 1 of the window)
+        if coder.discrete:
+            before = np.clip(act.array(ACTION_CLASS_KEY)[a : a + 2], 0, None)
+        else:
+            before = coder.ids(act.array(ACTIONS_KEY)[a : a + 2])
+        assert past[i].tolist() == np.asarray(before).tolist(), (i, a)
