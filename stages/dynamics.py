@@ -172,6 +172,7 @@ class EvalParams(StrictModel):
     max_sequences: int = Field(64, gt=0, description="held-out windows of C + horizon frames measured")
     batch_size: int = Field(32, gt=0, description="sequences rolled out at once")
     sweep_sequences: int = Field(16, gt=0, description="flow: sequences of the K = 1 .. k_max sweep")
+    sweep_rounds: int = Field(3, gt=0, description="flow: timed rounds of the sweep (median seconds per frame)")
     seed: int = Field(0, ge=0)
 
 
@@ -397,16 +398,21 @@ def evaluate(world: World, cfg: Config, seqs: dict[str, np.ndarray], mean: np.nd
 
 
 def step_sweep(world: World, cfg: Config, seqs: dict[str, np.ndarray]) -> dict:
-    """Flow: PSNR and seconds per frame at K = 1, 2, 4, ..., k_max, on ``sweep_sequences`` sequences."""
+    """Flow: PSNR and seconds per frame at K = 1, 2, 4, ..., k_max, on ``sweep_sequences`` sequences;
+    the seconds are the median of ``sweep_rounds`` rounds, interleaved over K (the same frames
+    each round: the rollouts are seeded), so that a busy moment does not land on one K alone."""
     c = cfg.eval.context_frames
     n = min(cfg.eval.sweep_sequences, len(seqs[LATENTS_KEY]))
     target = seqs[FRAMES_KEY][:n, c:].astype(np.float32) / 255
-    out = {}
-    for i in range(int(math.log2(cfg.flow.k_max)) + 1):
-        k = 2**i
-        pred, sec = rollout_frames(world, seqs, cfg, steps=k, limit=n)
-        out[str(k)] = {"psnr": float(horizon_errors(pred, target)["psnr"].mean()), "seconds_per_frame": sec}
-    return out
+    ks = [2**i for i in range(int(math.log2(cfg.flow.k_max)) + 1)]
+    psnr: dict[int, float] = {}
+    seconds: dict[int, list[float]] = {k: [] for k in ks}
+    for _ in range(cfg.eval.sweep_rounds):
+        for k in ks:
+            pred, sec = rollout_frames(world, seqs, cfg, steps=k, limit=n)
+            psnr.setdefault(k, float(horizon_errors(pred, target)["psnr"].mean()))
+            seconds[k].append(sec)
+    return {str(k): {"psnr": psnr[k], "seconds_per_frame": float(np.median(seconds[k]))} for k in ks}
 
 
 # -- the stage -----------------------------------------------------------------------------------
