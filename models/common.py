@@ -21,6 +21,18 @@ LUMA = (0.299, 0.587, 0.114)
 # --------------------------------------------------------------------------------------------
 
 
+def context_copy_mask(t: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The (2T, 2T) bool temporal mask (True = may attend) of a window held twice, context copies
+    first, then the frames predicted: the copies are causal among themselves; frame t sees the
+    copies of frames < t and itself, not the other predicted frames (as a new frame in a rollout)."""
+    i = torch.arange(t, device=device)
+    mask = torch.zeros(2 * t, 2 * t, dtype=torch.bool, device=device)
+    mask[:t, :t] = i[:, None] >= i[None, :]
+    mask[t:, :t] = i[:, None] > i[None, :]
+    mask[t:, t:] = torch.eye(t, dtype=torch.bool, device=device)
+    return mask
+
+
 def frame_actions(actions: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-frame action conditioning from per-transition actions.
 

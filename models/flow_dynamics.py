@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import MLP, SelfAttention, frame_actions, patchify, sinusoidal_embedding, unpatchify
+from models.common import MLP, SelfAttention, context_copy_mask, frame_actions, patchify, sinusoidal_embedding, unpatchify
 
 KV = tuple[torch.Tensor, torch.Tensor]  # one layer's temporal keys and values, each (B*N, heads, T, D/heads)
 
@@ -311,12 +311,7 @@ class FlowDynamics(nn.Module):
         pos = self.pos_time[:t]
         x = x + self.pos_space + torch.cat([pos, pos])[:, None, :]
         cond = torch.cat([self.condition(tau_ctx, d_ctx, actions, has), self.condition(tau, d, actions, has)], dim=1)
-        i = torch.arange(t, device=x.device)
-        causal = i[:, None] >= i[None, :]
-        mask = torch.zeros(2 * t, 2 * t, dtype=torch.bool, device=x.device)
-        mask[:t, :t] = causal                                   # context copies: causal among themselves
-        mask[t:, :t] = i[:, None] > i[None, :]                  # target t: context copies of frames < t
-        mask[t:, t:] = torch.eye(t, dtype=torch.bool, device=x.device)  # ... and itself
+        mask = context_copy_mask(t, x.device)
         for block in self.blocks:
             x, _ = block(x, cond, time_mask=mask)
         shift, scale = self.ada_out(F.silu(cond[:, t:])).unsqueeze(2).chunk(2, dim=-1)
@@ -367,8 +362,7 @@ def extend_cache(cache: list[KV] | None, new: list[KV]) -> list[KV]:
 class FlowLossConfig:
     """``k_max``: finest step 1 / k_max (the model's); ``tau_ctx``: signal level of context frames;
     ``bootstrap_fraction``: share of the batch trained with shortcut bootstrap targets;
-    context frames per window are uniform in [max(``min_context``, T - ``max_targets``), T - 1]
-    (``max_targets`` 0: no bound, up to T - ``min_context`` target frames).
+    context frames per window are uniform in [``min_context``, T - 1].
     ``context_copies``: instead of a context prefix, every frame from ``min_context`` on is a
     target, beside a copy of the window at ``tau_ctx`` that serves as its past
     (``FlowDynamics.forward``'s ``ctx``): each target then sees a lightly corrupted past, as a
@@ -378,7 +372,6 @@ class FlowLossConfig:
     tau_ctx: float = 0.9
     bootstrap_fraction: float = 0.125
     min_context: int = 1
-    max_targets: int = 0
     context_copies: bool = False
 
     def __post_init__(self):
@@ -392,8 +385,6 @@ class FlowLossConfig:
             raise ValueError(f"bootstrap_fraction {self.bootstrap_fraction} > 0 needs k_max >= 2, got {self.k_max}")
         if self.min_context < 1:
             raise ValueError(f"min_context {self.min_context} must be >= 1")
-        if self.max_targets < 0:
-            raise ValueError(f"max_targets {self.max_targets} must be >= 0 (0: no bound)")
 
 
 def ramp_weight(tau: torch.Tensor) -> torch.Tensor:
@@ -416,9 +407,9 @@ def sample_levels(b: int, t: int, cfg: FlowLossConfig, generator: torch.Generato
                   device: torch.device | str = "cpu") -> Levels:
     """Diffusion-forcing levels for a (b, t) batch of windows.
 
-    Each window: a random prefix of ``min_context .. t-1`` context frames (at least
-    ``t - max_targets`` when ``max_targets`` > 0) at ``tau_ctx`` with ``d = 1/k_max``; the other
-    frames are targets, each with its own step and level. Rows of the
+    Each window: a random prefix of ``min_context .. t-1`` context frames at ``tau_ctx`` with
+    ``d = 1/k_max`` (with ``context_copies``: the first ``min_context`` frames); the other frames
+    are targets, each with its own step and level. Rows of the
     bootstrap share (``round(b * bootstrap_fraction)`` rows, chosen at random) draw
     ``d = 2**i / k_max`` with i uniform in 1..log2 k_max, the others ``d = 1/k_max``; then
     ``tau = j * d`` with j uniform in 0 .. 1/d - 1 (the grid of its step, tau <= 1 - d).
@@ -426,11 +417,10 @@ def sample_levels(b: int, t: int, cfg: FlowLossConfig, generator: torch.Generato
     if t < cfg.min_context + 1:
         raise ValueError(f"windows of {t} frames leave no target after min_context {cfg.min_context}")
     kw = dict(generator=generator, device=device)
-    lo = max(cfg.min_context, t - cfg.max_targets) if cfg.max_targets else cfg.min_context
     if cfg.context_copies:  # every frame from min_context on (the copies are the context)
         n_ctx = torch.full((b, 1), cfg.min_context, dtype=torch.long, device=device)
     else:
-        n_ctx = torch.randint(lo, t, (b, 1), **kw)
+        n_ctx = torch.randint(cfg.min_context, t, (b, 1), **kw)
     target = torch.arange(t, device=device) >= n_ctx  # (B, T)
     n_boot = int(math.floor(b * cfg.bootstrap_fraction + 0.5))
     bootstrap = torch.zeros(b, dtype=torch.bool, device=device)

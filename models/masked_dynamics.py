@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import MLP, SelfAttention, frame_actions, patchify, unpatchify
+from models.common import MLP, SelfAttention, context_copy_mask, frame_actions, patchify, unpatchify
 
 TEMPORAL_KINDS = ("causal", "bidirectional", "identity")
 OBJECTIVES = ("future", "joint", "individual")
@@ -267,11 +267,7 @@ class MaskedDynamics(nn.Module):
             raise ValueError(f"context copies {tuple(ctx_ids.shape)} must match the frames {tuple(ids.shape)}")
         t = ids.shape[1]
         x = torch.cat([self.embed(ctx_ids, actions, has), self.embed(ids, actions, has)], dim=1)
-        i = torch.arange(t, device=x.device)
-        mask = torch.zeros(2 * t, 2 * t, dtype=torch.bool, device=x.device)
-        mask[:t, :t] = i[:, None] >= i[None, :]  # the copies: causal among themselves
-        mask[t:, :t] = i[:, None] > i[None, :]   # frame t: the copies of frames < t ...
-        mask[t:, t:] = torch.eye(t, dtype=torch.bool, device=x.device)  # ... and itself
+        mask = context_copy_mask(t, x.device)
         for blk in self.blocks:
             x, _ = blk(x, mask=mask)
         return self._logits(x[:, t:])

@@ -394,3 +394,22 @@ def test_evaluation_that_cannot_run_is_refused_before_training(eval_over, messag
         stage.run(cfg, inputs("mnist", "quantize"), tmp_path / "out", tmp_path / "work", where="dynamics.mnist",
                   loader=NO_WORKERS)
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+def test_step_sweep_times_are_the_median_of_interleaved_rounds(monkeypatch):
+    """Each K is timed once per round, the rounds interleaved over K (round 1: K = 1, 2, 4; round
+    2: ...), and its seconds per frame are the median of its rounds; PSNR comes from the first."""
+    cfg = dynamics_config("flow", eval={"sweep_rounds": 3})
+    calls = []
+    timings = {1: [3.0, 1.0, 2.0], 2: [9.0, 5.0, 4.0], 4: [0.5, 0.7, 0.6]}
+    target = np.full((2, 4, 2, 2, 3), 128, np.uint8)
+
+    def fake_rollout(world, seqs, cfg, steps=None, limit=None):
+        calls.append(steps)
+        return np.full((limit, 2, 2, 2, 3), 0.5, np.float32), timings[steps][calls.count(steps) - 1]
+
+    monkeypatch.setattr(stage, "rollout_frames", fake_rollout)
+    sweep = stage.step_sweep(None, cfg, {LATENTS_KEY: np.zeros((2, 4)), stage.FRAMES_KEY: target})
+    assert calls == [1, 2, 4] * 3
+    assert {k: v["seconds_per_frame"] for k, v in sweep.items()} == {"1": 2.0, "2": 5.0, "4": 0.6}
+    assert all(math.isfinite(v["psnr"]) for v in sweep.values())
