@@ -216,16 +216,28 @@ class MaskedDynamics(nn.Module):
             a = self.action(a_ids)
         return torch.where(has[..., None], a, self.no_action.to(a.dtype))
 
-    def embed(self, ids: torch.Tensor, actions: torch.Tensor, has: torch.Tensor, t0: int = 0) -> torch.Tensor:
-        """Patch tokens (B, T, N, dim) of frames t0..t0+T-1."""
+    def embed(self, ids: torch.Tensor, actions: torch.Tensor, has: torch.Tensor,
+              t0: int | torch.Tensor = 0) -> torch.Tensor:
+        """Patch tokens (B, T, N, dim) of frames t0..t0+T-1; ``t0`` an int or one offset per
+        sequence, (B,) long (``time_offsets``)."""
         ids = self._check_ids(ids)
         b, t = ids.shape[:2]
         if has.shape != (b, t):
             raise ValueError(f"has must be (B, T) = {(b, t)}, got {tuple(has.shape)}")
-        if t0 + t > self.cfg.max_frames:
-            raise ValueError(f"{t0 + t} frames exceed max_frames {self.cfg.max_frames}")
         x = self.patch_in(patchify(self.token(ids), self.cfg.patch))  # (B, T, N, dim)
-        x = x + self.pos_space + self.pos_time[t0 : t0 + t, None]
+        if isinstance(t0, torch.Tensor):
+            if t0.shape != (b,) or t0.dtype.is_floating_point:
+                raise ValueError(f"t0 must be an int or integer (B,) = ({b},) offsets, got {t0.dtype} {tuple(t0.shape)}")
+            last = int(t0.max()) + t if b else t
+            if (b and int(t0.min()) < 0) or last > self.cfg.max_frames:
+                raise ValueError(f"offsets {int(t0.min())}..{int(t0.max())} + {t} frames leave 0..max_frames "
+                                 f"{self.cfg.max_frames}")
+            pos = self.pos_time[t0.to(x.device)[:, None] + torch.arange(t, device=x.device)]  # (B, T, dim)
+            x = x + self.pos_space + pos[:, :, None]
+        else:
+            if t0 + t > self.cfg.max_frames:
+                raise ValueError(f"{t0 + t} frames exceed max_frames {self.cfg.max_frames}")
+            x = x + self.pos_space + self.pos_time[t0 : t0 + t, None]
         return x + self.action_embedding(actions, has.bool())[:, :, None]
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,27 +258,29 @@ class MaskedDynamics(nn.Module):
     # ---- forward ----------------------------------------------------------------------------
 
     def forward(
-        self, ids: torch.Tensor, actions: torch.Tensor, has: torch.Tensor, temporal: str | torch.Tensor = "causal"
+        self, ids: torch.Tensor, actions: torch.Tensor, has: torch.Tensor, temporal: str | torch.Tensor = "causal",
+        t0: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         """Logits (B, T, H, W, levels) over the token classes (MASK excluded) at every position.
 
         ``ids`` (B, T, H, W) in 0..levels (MASK = levels); ``actions``/``has`` frame-aligned (see
-        ``frame_actions``); ``temporal`` a name, (T, T) or per-sequence (B, T, T) bool mask."""
-        x = self.embed(ids, actions, has)
+        ``frame_actions``); ``temporal`` a name, (T, T) or per-sequence (B, T, T) bool mask;
+        ``t0`` the first frame's temporal position (per sequence: (B,) long)."""
+        x = self.embed(ids, actions, has, t0)
         mask = self._temporal(temporal, x.shape[0], x.shape[1], x.device)
         for blk in self.blocks:
             x, _ = blk(x, mask=mask)
         return self._logits(x)
 
     def forward_with_context(self, ids: torch.Tensor, ctx_ids: torch.Tensor, actions: torch.Tensor,
-                             has: torch.Tensor) -> torch.Tensor:
+                             has: torch.Tensor, t0: int | torch.Tensor = 0) -> torch.Tensor:
         """Logits (B, T, H, W, levels) of frames ``ids`` (B, T, H, W), frame t seeing the context
         copies ``ctx_ids[:, :t]`` (the same frames, clean) and itself, not the other frames of
         ``ids``: each frame is predicted as the new frame of a rollout is, in one pass of 2T frames."""
         if ctx_ids.shape != ids.shape:
             raise ValueError(f"context copies {tuple(ctx_ids.shape)} must match the frames {tuple(ids.shape)}")
         t = ids.shape[1]
-        x = torch.cat([self.embed(ctx_ids, actions, has), self.embed(ids, actions, has)], dim=1)
+        x = torch.cat([self.embed(ctx_ids, actions, has, t0), self.embed(ids, actions, has, t0)], dim=1)
         mask = context_copy_mask(t, x.device)
         for blk in self.blocks:
             x, _ = blk(x, mask=mask)
@@ -316,6 +330,9 @@ class MaskedLossConfig:
     # future with context copies: every frame after the first masked, each beside a clean copy of
     # its past (``MaskedDynamics.forward_with_context``), as a new frame in a rollout
     future_copies: bool = False
+    # each training sequence placed at a random temporal offset (``time_offsets``), so that the
+    # positions a rollout reaches beyond the training window are trained too
+    time_shift: bool = False
 
     def __post_init__(self):
         w = self.weights
@@ -398,19 +415,29 @@ def masked_objective_batch(
     return input_ids, mask, temporal
 
 
+def time_offsets(batch: int, frames: int, max_frames: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(batch,) long temporal offsets, uniform in 0 .. max_frames - frames: a window of ``frames``
+    placed anywhere among the model's ``max_frames`` learned positions."""
+    if frames > max_frames:
+        raise ValueError(f"windows of {frames} frames exceed max_frames {max_frames}")
+    return (_rand((batch,), generator, torch.float64).cpu() * (max_frames - frames + 1)).long()
+
+
 def objective_logits(model: "MaskedDynamics", input_ids: torch.Tensor, ids: torch.Tensor, actions: torch.Tensor,
                      has: torch.Tensor, temporal: torch.Tensor, objectives: Sequence[str],
-                     cfg: MaskedLossConfig) -> torch.Tensor:
+                     cfg: MaskedLossConfig, t0: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of a ``masked_objective_batch``: ``model(input_ids, ...)`` under each sequence's
     temporal mask; with ``cfg.future_copies`` the future rows instead through
-    ``forward_with_context`` beside their clean ``ids``."""
+    ``forward_with_context`` beside their clean ``ids``. ``t0``: per-sequence temporal offsets
+    ((B,) long, ``time_offsets``) or None (every sequence from position 0)."""
+    t0 = torch.zeros(ids.shape[0], dtype=torch.long) if t0 is None else t0.long().cpu()
     fut = torch.tensor([o == "future" for o in objectives], dtype=torch.bool, device=ids.device)
     if not cfg.future_copies or not bool(fut.any()):
-        return model(input_ids, actions, has, temporal)
-    f = model.forward_with_context(input_ids[fut], ids[fut], actions[fut], has[fut])
+        return model(input_ids, actions, has, temporal, t0)
+    f = model.forward_with_context(input_ids[fut], ids[fut], actions[fut], has[fut], t0[fut.cpu()])
     if bool(fut.all()):
         return f
-    rest = model(input_ids[~fut], actions[~fut], has[~fut], temporal[~fut])
+    rest = model(input_ids[~fut], actions[~fut], has[~fut], temporal[~fut], t0[~fut.cpu()])
     out = f.new_empty((ids.shape[0], *f.shape[1:]))
     out[fut] = f
     out[~fut] = rest.to(f.dtype)

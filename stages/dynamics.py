@@ -114,6 +114,8 @@ class ObjectiveParams(StrictModel):
     future_max_ratio: float = Field(1.0, gt=0, le=1)
     future_copies: bool = Field(False, description="future prediction of every frame after the first at once, "
                                 "each beside a clean copy of its past (as a new frame in a rollout)")
+    time_shift: bool = Field(False, description="each training window at a random offset among the model's "
+                             "temporal positions, so that those a rollout reaches beyond the window are trained")
 
     @model_validator(mode="after")
     def _check(self) -> "ObjectiveParams":
@@ -291,7 +293,9 @@ def loss_function(cfg: Config, mask_id: int | None, norm: dict | None = None):
             objectives = masked_dynamics.sample_objectives(ids.shape[0], None, loss_cfg)
             inp, loss_mask, temporal = masked_dynamics.masked_objective_batch(ids, objectives, None, loss_cfg, mask_id)
             cond, has = frame_actions(acts, valid)
-            logits = masked_dynamics.objective_logits(model, inp, ids, cond, has, temporal, objectives, loss_cfg)
+            t0 = (masked_dynamics.time_offsets(ids.shape[0], ids.shape[1], model.cfg.max_frames)
+                  if loss_cfg.time_shift else None)
+            logits = masked_dynamics.objective_logits(model, inp, ids, cond, has, temporal, objectives, loss_cfg, t0)
             return masked_dynamics.masked_loss(logits, ids, loss_mask, objectives)
 
         return masked_loss_fn

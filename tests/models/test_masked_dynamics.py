@@ -546,3 +546,67 @@ def test_future_copies_mask_every_frame_after_the_first_and_train():
     loss, _ = masked_loss(logits, ids, loss_mask, names)
     loss.backward()
     assert torch.isfinite(loss)
+
+
+# --------------------------------------------------------------------------------------------
+# temporal offsets (time_shift)
+# --------------------------------------------------------------------------------------------
+
+
+def test_per_sequence_offsets_equal_separate_forwards():
+    """``t0`` as (B,) offsets places each sequence at its own temporal positions: the same logits
+    as forwarding each sequence alone from its offset, for plain and context-copy forwards."""
+    model = small_model(3)
+    b, t = 3, 4
+    ids, clean = tokens(b, t, seed=5), tokens(b, t, seed=6)
+    ids[:, 2:, :3] = MASK
+    cond, has = frame_actions(moves(b, t))
+    t0 = torch.tensor([0, 4, 2])
+    with torch.no_grad():
+        both = model(ids, cond, has, "causal", t0)
+        copies = model.forward_with_context(ids, clean, cond, has, t0)
+        for i in range(b):
+            s = slice(i, i + 1)
+            torch.testing.assert_close(both[s], model(ids[s], cond[s], has[s], "causal", int(t0[i])))
+            torch.testing.assert_close(copies[s], model.forward_with_context(ids[s], clean[s], cond[s], has[s],
+                                                                             int(t0[i])))
+        assert (model(ids, cond, has, "causal", 1) - model(ids, cond, has, "causal", 0)).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="max_frames 8"):
+        model(ids, cond, has, "causal", torch.tensor([0, 5, 0]))  # 5 + 4 frames > 8
+
+
+def test_time_offsets_cover_every_start():
+    from models.masked_dynamics import time_offsets
+
+    t0 = time_offsets(4000, 3, 8, torch.Generator().manual_seed(0))
+    assert t0.dtype == torch.long and set(t0.tolist()) == set(range(6))  # 0 .. 8 - 3
+    counts = torch.bincount(t0, minlength=6).float()
+    assert counts.min() > 0.8 * counts.mean()
+    with pytest.raises(ValueError, match="exceed max_frames 8"):
+        time_offsets(2, 9, 8)
+
+
+@pytest.mark.parametrize("time_shift", [False, True])
+def test_time_shift_trains_the_positions_a_rollout_reaches(time_shift):
+    """Windows of T frames train temporal positions 0..T-1 only; rollouts from C context frames
+    reach C + horizon > T. With ``time_shift`` the stage's loss trains every position up to
+    max_frames; without it the positions past the window get no gradient (the bug it fixes)."""
+    from stages.dynamics import Config, loss_function
+
+    torch.manual_seed(0)
+    cfg = Config.model_validate({
+        "family": "masked", "action_input": "continuous", "window": 3,
+        "masked": {"patch": 2, "token_dim": 8, "dim": 32, "heads": 2, "depth": 1,
+                   "objectives": {"future_copies": True, "time_shift": time_shift}},
+        "train": {"steps": 10, "warmup_steps": 1},
+        "eval": {"context_frames": 3, "horizon": 5},
+    })
+    model = MaskedDynamics(MaskedConfig(**{**SMALL, "depth": 1, "max_frames": cfg.max_frames}))
+    assert cfg.max_frames == 8
+    ids = tokens(64, 3, seed=7)
+    batch = {"latents": ids.to(torch.uint8), "actions": moves(64, 3), "valid": torch.ones(64, 3, dtype=torch.bool)}
+    loss, _ = loss_function(cfg, MASK)(model, batch, 0)
+    loss.backward()
+    reached = model.pos_time.grad.abs().sum(-1) > 0
+    assert bool(reached[:3].all())
+    assert bool(reached[3:].all()) == time_shift and bool(reached[3:].any()) == time_shift
