@@ -225,19 +225,15 @@ class MaskedDynamics(nn.Module):
         if has.shape != (b, t):
             raise ValueError(f"has must be (B, T) = {(b, t)}, got {tuple(has.shape)}")
         x = self.patch_in(patchify(self.token(ids), self.cfg.patch))  # (B, T, N, dim)
-        if isinstance(t0, torch.Tensor):
-            if t0.shape != (b,) or t0.dtype.is_floating_point:
-                raise ValueError(f"t0 must be an int or integer (B,) = ({b},) offsets, got {t0.dtype} {tuple(t0.shape)}")
-            last = int(t0.max()) + t if b else t
-            if (b and int(t0.min()) < 0) or last > self.cfg.max_frames:
-                raise ValueError(f"offsets {int(t0.min())}..{int(t0.max())} + {t} frames leave 0..max_frames "
-                                 f"{self.cfg.max_frames}")
-            pos = self.pos_time[t0.to(x.device)[:, None] + torch.arange(t, device=x.device)]  # (B, T, dim)
-            x = x + self.pos_space + pos[:, :, None]
-        else:
-            if t0 + t > self.cfg.max_frames:
-                raise ValueError(f"{t0 + t} frames exceed max_frames {self.cfg.max_frames}")
-            x = x + self.pos_space + self.pos_time[t0 : t0 + t, None]
+        offsets = torch.as_tensor(t0, device=x.device)
+        if offsets.dtype.is_floating_point or offsets.shape not in ((), (b,)):
+            raise ValueError(f"t0 must be an int or integer (B,) = ({b},) offsets, got {offsets.dtype} {tuple(offsets.shape)}")
+        offsets = offsets.long().expand(b)
+        if b and (int(offsets.min()) < 0 or int(offsets.max()) + t > self.cfg.max_frames):
+            raise ValueError(f"frames from {int(offsets.min())}..{int(offsets.max())} + {t} exceed max_frames "
+                             f"{self.cfg.max_frames}")
+        pos = self.pos_time[offsets[:, None] + torch.arange(t, device=x.device)]  # (B, T, dim)
+        x = x + self.pos_space + pos[:, :, None]
         return x + self.action_embedding(actions, has.bool())[:, :, None]
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -430,14 +426,14 @@ def objective_logits(model: "MaskedDynamics", input_ids: torch.Tensor, ids: torc
     temporal mask; with ``cfg.future_copies`` the future rows instead through
     ``forward_with_context`` beside their clean ``ids``. ``t0``: per-sequence temporal offsets
     ((B,) long, ``time_offsets``) or None (every sequence from position 0)."""
-    t0 = torch.zeros(ids.shape[0], dtype=torch.long) if t0 is None else t0.long().cpu()
+    t0 = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device) if t0 is None else t0.to(ids.device)
     fut = torch.tensor([o == "future" for o in objectives], dtype=torch.bool, device=ids.device)
     if not cfg.future_copies or not bool(fut.any()):
         return model(input_ids, actions, has, temporal, t0)
-    f = model.forward_with_context(input_ids[fut], ids[fut], actions[fut], has[fut], t0[fut.cpu()])
+    f = model.forward_with_context(input_ids[fut], ids[fut], actions[fut], has[fut], t0[fut])
     if bool(fut.all()):
         return f
-    rest = model(input_ids[~fut], actions[~fut], has[~fut], temporal[~fut], t0[~fut.cpu()])
+    rest = model(input_ids[~fut], actions[~fut], has[~fut], temporal[~fut], t0[~fut])
     out = f.new_empty((ids.shape[0], *f.shape[1:]))
     out[fut] = f
     out[~fut] = rest.to(f.dtype)
