@@ -57,6 +57,7 @@ class FlowConfig:
     max_frames: int = 16  # learned temporal positions 0 .. max_frames - 1
     action_kind: Literal["continuous", "discrete"] = "continuous"
     action_dim: int = 2
+    action_scale: float = 1.0  # continuous actions are multiplied by this (1 / their RMS: unit-scale inputs)
     action_classes: int = 5
     k_max: int = 64  # finest step 1 / k_max
     residual: bool = False  # predict each frame as a correction of its predecessor's denoised input
@@ -77,6 +78,8 @@ class FlowConfig:
         for name in ("depth", "mlp_ratio", "max_frames", "action_dim", "action_classes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.action_scale) and self.action_scale > 0):
+            raise ValueError(f"action_scale must be finite and > 0, got {self.action_scale}")
 
     @property
     def tokens_per_frame(self) -> int:
@@ -223,7 +226,7 @@ class FlowDynamics(nn.Module):
             if actions.shape != (b, t, self.cfg.action_dim):
                 raise ValueError(f"continuous actions must be (B, T, {self.cfg.action_dim}) = "
                                  f"({b}, {t}, {self.cfg.action_dim}), got {tuple(actions.shape)}")
-            emb = self.action_emb(actions.to(self.inp.weight.dtype))
+            emb = self.action_emb(actions.to(self.inp.weight.dtype) * self.cfg.action_scale)
         else:
             if actions.shape != (b, t) or actions.is_floating_point():
                 raise ValueError(f"discrete actions must be integer ids (B, T) = ({b}, {t}), "

@@ -17,6 +17,15 @@ and temporal position embeddings and the frame's action embedding (a learned no-
 where ``has`` is False), added at every patch of the frame. The head maps each patch token to p*p*levels
 logits, returned as (B, T, H, W, levels).
 
+Motion-copy head (``motion_radius`` r > 0; a CDNA-style kernel, Finn et al. 2016): each sub-token
+also gets a displacement (dy, dx) within r tokens, a kernel width and a gate from its patch token;
+where the temporal mask lets frame t see frame t-1, its distribution is the mixture
+g * (tokens of frame t-1 around q + (dy, dx), under a Gaussian kernel) + (1 - g) * softmax(head),
+and the model returns its log (normalised log-probabilities, used as logits everywhere). Moving
+the previous frame's tokens is then one learned displacement instead of a patch re-drawn from a
+dim-wide vector; frames that may not see their predecessor (frame 0, the identity mask) get the
+head alone.
+
 Training (CoPilot4D, Zhang et al. 2024, with MaskGIT masking, Chang et al. 2022): one objective per
 sequence, drawn with ``MaskedLossConfig`` weights, so a batch mixes them and the temporal mask is
 per sequence:
@@ -44,6 +53,8 @@ from models.common import MLP, SelfAttention, context_copy_mask, frame_actions, 
 TEMPORAL_KINDS = ("causal", "bidirectional", "identity")
 OBJECTIVES = ("future", "joint", "individual")
 ACTION_KINDS = ("continuous", "discrete")
+MOTION_INIT_LOG_WIDTH = math.log(0.5)  # initial kernel width, tokens
+MOTION_INIT_GATE = 2.0  # initial copy-gate logit
 
 
 def _rand(
@@ -67,6 +78,22 @@ def temporal_mask(kind: str, t: int, device: torch.device | str | None = None) -
     raise ValueError(f"unknown temporal mask {kind!r}; expected one of {TEMPORAL_KINDS}")
 
 
+def motion_copy(prev: torch.Tensor, kernel: torch.Tensor, radius: int, mask_id: int) -> torch.Tensor:
+    """Class probabilities of displaced previous tokens (a CDNA-style motion kernel, Finn et al. 2016).
+
+    ``prev`` (B, H, W) ids, ``mask_id`` where unknown; ``kernel`` (B, H, W, (2r+1)^2) weights over
+    the displacements (dy, dx) in -r..r, row-major (dy outer), each pixel's summing to 1. Returns
+    (B, H, W, mask_id + 1): out[q, v] = sum over d of kernel[q, d] * [prev[q + d] == v]; the last
+    class holds the weight that fell on MASK or outside the frame."""
+    b, h, w = prev.shape
+    k = 2 * radius + 1
+    if kernel.shape != (b, h, w, k * k):
+        raise ValueError(f"kernel must be (B, H, W, (2r+1)^2) = {(b, h, w, k * k)}, got {tuple(kernel.shape)}")
+    padded = F.pad(prev.long(), (radius, radius, radius, radius), value=mask_id)
+    src = padded.unfold(1, k, 1).unfold(2, k, 1).reshape(b, h, w, k * k)  # src[q, d] = prev[q + d]
+    return kernel.new_zeros(b, h, w, mask_id + 1).scatter_add_(-1, src, kernel)
+
+
 # --------------------------------------------------------------------------------------------
 # model
 # --------------------------------------------------------------------------------------------
@@ -88,6 +115,8 @@ class MaskedConfig:
     action_kind: str = "continuous"  # "continuous" (B, T, action_dim) float | "discrete" (B, T) int
     action_dim: int = 2
     action_classes: int = 5
+    action_scale: float = 1.0  # continuous actions are multiplied by this (1 / their RMS: unit-scale inputs)
+    motion_radius: int = 0  # r > 0: the motion-copy head (displacements up to r tokens); 0: off
 
     def __post_init__(self):
         for name in ("grid", "levels", "patch", "token_dim", "dim", "heads", "depth", "mlp_ratio", "max_frames"):
@@ -95,6 +124,10 @@ class MaskedConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.levels < 2:
             raise ValueError(f"levels must be >= 2, got {self.levels}")
+        if not (math.isfinite(self.action_scale) and self.action_scale > 0):
+            raise ValueError(f"action_scale must be finite and > 0, got {self.action_scale}")
+        if self.motion_radius < 0:
+            raise ValueError(f"motion_radius must be >= 0, got {self.motion_radius}")
         if self.grid % self.patch:
             raise ValueError(f"patch {self.patch} must divide grid {self.grid}")
         if self.dim % self.heads:
@@ -127,6 +160,7 @@ class KVCache:
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     frames: int
+    last: torch.Tensor | None = None  # (B, H, W) ids of frame ``frames - 1``: the motion-copy head's previous frame
 
 
 class Block(nn.Module):
@@ -181,6 +215,11 @@ class MaskedDynamics(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, p2 * cfg.levels)
+        if cfg.motion_radius:  # per sub-token: displacement (dy, dx), log kernel width, copy-gate logit
+            self.motion = nn.Linear(cfg.dim, p2 * 4)
+            with torch.no_grad():  # start as a slightly blurred copy of the previous frame, mostly trusted
+                self.motion.weight.mul_(0.1)
+                self.motion.bias.view(p2, 4).copy_(torch.tensor([0.0, 0.0, MOTION_INIT_LOG_WIDTH, MOTION_INIT_GATE]))
 
     # ---- inputs -----------------------------------------------------------------------------
 
@@ -204,7 +243,7 @@ class MaskedDynamics(nn.Module):
             if actions.shape != (b, t, c.action_dim):
                 raise ValueError(f"continuous actions must be (B, T, {c.action_dim}) = {(b, t, c.action_dim)}, "
                                  f"got {tuple(actions.shape)}")
-            a = self.action(torch.where(has[..., None], actions.float(), 0.0))
+            a = self.action(torch.where(has[..., None], actions.float() * c.action_scale, 0.0))
         else:
             if actions.shape != (b, t) or actions.dtype.is_floating_point:
                 raise ValueError(f"discrete actions must be integer (B, T) = {(b, t)}, "
@@ -236,9 +275,43 @@ class MaskedDynamics(nn.Module):
         x = x + self.pos_space + pos[:, :, None]
         return x + self.action_embedding(actions, has.bool())[:, :, None]
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.cfg.grid
-        return unpatchify(self.head(self.norm(x)), self.cfg.patch, g, g)  # (B, T, H, W, levels)
+    def _logits(self, x: torch.Tensor, prev: torch.Tensor | None = None,
+                has_prev: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, H, W, levels) logits of patch tokens ``x`` (B, T, N, dim).
+
+        With the motion-copy head (``motion_radius`` > 0): ``prev`` (B, T, H, W) the ids of each
+        frame's previous frame, ``has_prev`` (B, T) bool where the frame may see it. The result is
+        then the log of the mixture g * copy + (1 - g) * softmax(head), g the patch's gate (0
+        without a previous frame), copy the ``motion_copy`` of the previous frame under the
+        patch's kernel (its MASK/outside weight goes to softmax(head)): log-probabilities."""
+        c, g = self.cfg, self.cfg.grid
+        h = self.norm(x)
+        logits = unpatchify(self.head(h), c.patch, g, g)  # (B, T, H, W, levels)
+        if not c.motion_radius:
+            return logits
+        r = c.motion_radius
+        m = unpatchify(self.motion(h).float(), c.patch, g, g)  # (B, T, H, W, 4)
+        b, t = m.shape[:2]
+        mu = r * torch.tanh(m[..., :2] / r)  # displacement (dy, dx) in tokens, within the radius
+        inv_var = torch.exp(-2 * m[..., 2:3])  # 1 / width^2
+        d = torch.arange(-r, r + 1, device=m.device, dtype=m.dtype)
+        # a Gaussian over the (2r+1)^2 displacements, normalised: the product of one per axis
+        ky = (-0.5 * (d - mu[..., :1]) ** 2 * inv_var).softmax(-1)  # (B, T, H, W, 2r+1)
+        kx = (-0.5 * (d - mu[..., 1:2]) ** 2 * inv_var).softmax(-1)
+        kern = (ky[..., :, None] * kx[..., None, :]).flatten(-2)  # (B, T, H, W, K), dy outer
+        gate_px = torch.sigmoid(m[..., 3:]) * has_prev.to(m.dtype)[:, :, None, None, None]
+        copy = motion_copy(prev.reshape(b * t, g, g), kern.reshape(b * t, g, g, -1), r, c.mask_id)
+        copy = copy.view(b, t, g, g, c.levels + 1)
+        head_p = logits.float().softmax(-1)
+        p = gate_px * (copy[..., :-1] + copy[..., -1:] * head_p) + (1 - gate_px) * head_p
+        return torch.log(p.clamp_min(1e-12))
+
+    def _prev(self, ids: torch.Tensor, first: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, H, W) previous-frame ids of frames ``ids``: ``first`` (B, H, W) before frame 0
+        (all MASK when None), then ids[:, :-1]."""
+        if first is None:
+            first = torch.full_like(ids[:, 0], self.cfg.mask_id)
+        return torch.cat([first[:, None].long(), ids[:, :-1].long()], 1)
 
     def _temporal(self, temporal: str | torch.Tensor, b: int, t: int, device: torch.device) -> torch.Tensor:
         if isinstance(temporal, str):
@@ -263,10 +336,15 @@ class MaskedDynamics(nn.Module):
         ``frame_actions``); ``temporal`` a name, (T, T) or per-sequence (B, T, T) bool mask;
         ``t0`` the first frame's temporal position (per sequence: (B,) long)."""
         x = self.embed(ids, actions, has, t0)
-        mask = self._temporal(temporal, x.shape[0], x.shape[1], x.device)
+        b, t = x.shape[:2]
+        mask = self._temporal(temporal, b, t, x.device)
         for blk in self.blocks:
             x, _ = blk(x, mask=mask)
-        return self._logits(x)
+        if not self.cfg.motion_radius:
+            return self._logits(x)
+        sees_prev = mask.diagonal(offset=-1, dim1=-2, dim2=-1).expand(b, t - 1)  # frame t+1 may attend frame t
+        has_prev = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=x.device), sees_prev], 1)
+        return self._logits(x, self._prev(ids, None), has_prev)
 
     def forward_with_context(self, ids: torch.Tensor, ctx_ids: torch.Tensor, actions: torch.Tensor,
                              has: torch.Tensor, t0: int | torch.Tensor = 0) -> torch.Tensor:
@@ -280,7 +358,10 @@ class MaskedDynamics(nn.Module):
         mask = context_copy_mask(t, x.device)
         for blk in self.blocks:
             x, _ = blk(x, mask=mask)
-        return self._logits(x[:, t:])
+        if not self.cfg.motion_radius:
+            return self._logits(x[:, t:])
+        has_prev = (torch.arange(t, device=x.device) > 0).expand(x.shape[0], t)
+        return self._logits(x[:, t:], self._prev(ctx_ids, None), has_prev)
 
     def forward_cached(
         self,
@@ -296,6 +377,7 @@ class MaskedDynamics(nn.Module):
         of all frames so far, else the given cache unchanged (an unmasking step of a frame that is
         not final yet). Equals ``forward(all frames, temporal="causal")`` on these frames."""
         t0 = 0 if cache is None else cache.frames
+        first = None if cache is None else cache.last
         x = self.embed(ids, actions, has, t0)
         kvs = []
         for i, blk in enumerate(self.blocks):
@@ -303,7 +385,13 @@ class MaskedDynamics(nn.Module):
             x, (k, v) = blk(x, is_causal=True, past=past)
             if extend:
                 kvs.append((k, v) if past is None else (torch.cat([past[0], k], -2), torch.cat([past[1], v], -2)))
-        return self._logits(x), (KVCache(kvs, t0 + x.shape[1]) if extend else cache)
+        if self.cfg.motion_radius:
+            b, t = ids.shape[:2]
+            has_prev = (torch.arange(t, device=x.device) > (0 if first is None else -1)).expand(b, t)
+            logits = self._logits(x, self._prev(ids, first), has_prev)
+        else:
+            logits = self._logits(x)
+        return logits, (KVCache(kvs, t0 + x.shape[1], ids[:, -1].long()) if extend else cache)
 
 
 # --------------------------------------------------------------------------------------------

@@ -133,6 +133,8 @@ class MaskedParams(StrictModel):
     heads: int = Field(4, gt=0)
     depth: int = Field(4, gt=0, description="blocks of spatial attention, temporal attention, FFN")
     mlp_ratio: int = Field(4, gt=0)
+    motion_radius: int = Field(0, ge=0, description="motion-copy head: each patch mixes its head with the previous "
+                               "frame's tokens displaced by up to this many tokens (a learned kernel); 0: off")
     objectives: ObjectiveParams = ObjectiveParams()
     sample_steps: int = Field(20, gt=0, description="iterative unmasking steps per frame (cosine schedule)")
     temperature: float = Field(1.0, ge=0, description="sampling temperature (0: argmax)")
@@ -205,26 +207,40 @@ class Config(StrictModel):
 # -- building ------------------------------------------------------------------------------------
 
 
-def model_config(cfg: Config, tok_meta: dict, n_classes: int = 5) -> dict:
-    """The dynamics model's config fields from the params and the tokenizer's metadata."""
-    actions = {"action_kind": cfg.action_input, "action_dim": 2, "action_classes": n_classes}
+def model_config(cfg: Config, tok_meta: dict, n_classes: int = 5, action_scale: float = 1.0) -> dict:
+    """The dynamics model's config fields from the params and the tokenizer's metadata;
+    ``action_scale`` multiplies continuous actions (``continuous_action_scale``)."""
+    actions = {"action_kind": cfg.action_input, "action_dim": 2, "action_classes": n_classes,
+               "action_scale": float(action_scale)}
     if cfg.family == "masked":
         p = cfg.masked
         size, levels = tok_meta["config"]["size"], tok_meta["config"]["levels"]
         return {"grid": size, "levels": levels, "patch": p.patch, "token_dim": p.token_dim, "dim": p.dim,
-                "heads": p.heads, "depth": p.depth, "mlp_ratio": p.mlp_ratio, "max_frames": cfg.max_frames, **actions}
+                "heads": p.heads, "depth": p.depth, "mlp_ratio": p.mlp_ratio, "max_frames": cfg.max_frames,
+                "motion_radius": p.motion_radius, **actions}
     p = cfg.flow
     return {"latent_shape": list(flow_grid(tok_meta["latent_shape"])), "patch": p.patch, "dim": p.dim,
             "heads": p.heads, "depth": p.depth, "mlp_ratio": p.mlp_ratio, "max_frames": cfg.max_frames,
             "k_max": p.k_max, "residual": p.residual, **actions}
 
 
-def build(cfg: Config, tok_meta: dict, where: str) -> torch.nn.Module:
+def continuous_action_scale(act: EpisodeStore, episodes: np.ndarray) -> float:
+    """1 / RMS of the valid ``[dx, dy]`` of ``episodes`` (the training ones): continuous actions
+    enter the model at unit scale (MNIST's moves are ~0.07 of the half canvas, which a freshly
+    initialised embedding all but ignores). 1.0 when those episodes hold no valid move."""
+    frame_ep = np.repeat(np.arange(act.n_episodes), act.episode_lengths())
+    rows = np.isin(frame_ep, episodes) & act.array(VALID_KEY)[:].astype(bool)
+    a = act.array(ACTIONS_KEY)[:][rows].astype(np.float64)
+    rms = float(np.sqrt(np.mean(a**2))) if a.size else 0.0
+    return 1.0 / rms if rms > 0 else 1.0
+
+
+def build(cfg: Config, tok_meta: dict, where: str, action_scale: float = 1.0) -> torch.nn.Module:
     """The model, or a ParamsError naming the block when its sizes do not fit the latents."""
     from models import registry
 
     try:
-        return registry.build("dynamics", cfg.family, model_config(cfg, tok_meta))
+        return registry.build("dynamics", cfg.family, model_config(cfg, tok_meta, action_scale=action_scale))
     except ValueError as exc:
         raise ParamsError(f"{where}.{cfg.family}: {exc} (tokenizer latents {tok_meta['latent_shape']})") from None
 
@@ -450,11 +466,12 @@ def run(cfg: Config, item_paths: dict[str, Path], out_dir: Path | str, work_dir:
         raise ParamsError(f"{where}.eval: {len(seqs[LATENTS_KEY])} held-out sequence of "
                           f"{cfg.eval.context_frames + cfg.eval.horizon} frames; the shuffled-actions control "
                           f"needs at least 2 (raise max_sequences, or shorten context_frames + horizon)")
-    model_cfg = model_config(cfg, tok_meta)
+    scale = continuous_action_scale(act, train_ids) if cfg.action_input == "continuous" else 1.0
+    model_cfg = model_config(cfg, tok_meta, action_scale=scale)
     train_cfg = cfg.train
     device = resolve_device(train_cfg.device)
     torch.manual_seed(train_cfg.seed)
-    model = build(cfg, tok_meta, where).to(device)
+    model = build(cfg, tok_meta, where, action_scale=scale).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s: %s model, %.2fM parameters, %d train / %d held-out episodes", where, cfg.family, n_params / 1e6,
              len(train_ids), len(val_ids))

@@ -20,6 +20,7 @@ from models.masked_dynamics import (
     masked_loss,
     masked_objective_batch,
     maskgit_unmask,
+    motion_copy,
     rollout,
     sample_next_frame,
     sample_objectives,
@@ -84,6 +85,8 @@ def dependence(model: MaskedDynamics, ids, cond, has, temporal) -> torch.Tensor:
         ({"action_kind": "joystick"}, "unknown action_kind 'joystick'"),
         ({"levels": 1}, "levels must be >= 2, got 1"),
         ({"depth": 0}, "depth must be >= 1, got 0"),
+        ({"motion_radius": -1}, "motion_radius must be >= 0, got -1"),
+        ({"action_scale": 0.0}, "action_scale must be finite and > 0, got 0.0"),
     ],
 )
 def test_config_rejects_bad_values(bad, message):
@@ -118,12 +121,14 @@ def test_forward_shape_excludes_mask_class_and_rejects_bad_ids():
 # ---- temporal masks ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("motion", [0, 2])
 @pytest.mark.parametrize("kind", TEMPORAL_KINDS)
-def test_temporal_mask_names_what_frames_see(kind):
+def test_temporal_mask_names_what_frames_see(kind, motion):
     """Guards a leaking or missing temporal mask: with "causal" a later frame never changes an
     earlier frame's logits (and earlier frames do change later ones); with "bidirectional" every
-    frame changes every other; with "identity" no frame sees any other frame."""
-    model = small_model()
+    frame changes every other; with "identity" no frame sees any other frame (with the
+    motion-copy head too: it reads the previous frame only where the mask lets a frame see it)."""
+    model = small_model(motion_radius=motion)
     ids = tokens(2, 4)
     cond, has = frame_actions(moves(2, 4))
     dep = dependence(model, ids, cond, has, kind)
@@ -132,10 +137,11 @@ def test_temporal_mask_names_what_frames_see(kind):
     assert torch.equal(dep, expected), f"{kind}: frame i depends on frame j\n{dep[0].int()}"
 
 
-def test_per_sequence_mask_equals_separate_forwards():
+@pytest.mark.parametrize("motion", [0, 2])
+def test_per_sequence_mask_equals_separate_forwards(motion):
     """Guards a per-sequence (B, T, T) mask applied to the wrong sequence (a batch mixing
     objectives): each sequence's logits equal a forward of that sequence with its own mask."""
-    model = small_model()
+    model = small_model(motion_radius=motion)
     ids = tokens(3, 4)
     cond, has = frame_actions(moves(3, 4))
     kinds = ["causal", "bidirectional", "identity"]
@@ -154,9 +160,10 @@ def test_objective_masks_default_to_the_copilot4d_recipe():
     assert lc.weights == (0.5, 0.4, 0.1)
 
 
+@pytest.mark.parametrize("motion", [0, 2])
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("kind", TEMPORAL_KINDS)
-def test_each_objective_applies_the_mask_its_params_name(objective, kind):
+def test_each_objective_applies_the_mask_its_params_name(objective, kind, motion):
     """Guards an objective that ignores its temporal-mask param (e.g. joint denoise hard-wired to
     causal, or to bidirectional): the batch carries the configured mask for every sequence, and the
     model run with it has exactly that frame-to-frame dependence."""
@@ -166,7 +173,7 @@ def test_each_objective_applies_the_mask_its_params_name(objective, kind):
     assert temporal.shape == (2, 4, 4) and temporal.dtype == torch.bool
     assert torch.equal(temporal, expected_mask(kind, 4).expand(2, 4, 4))
     cond, has = frame_actions(moves(2, 4))
-    assert torch.equal(dependence(small_model(), inp, cond, has, temporal), temporal)
+    assert torch.equal(dependence(small_model(motion_radius=motion), inp, cond, has, temporal), temporal)
 
 
 def test_mixed_batch_carries_each_sequences_mask():
@@ -331,10 +338,12 @@ def test_rollout_returns_tokens_never_mask(steps, cache):
     assert out.min() >= 0 and out.max() <= 15
 
 
-def test_forward_cached_matches_forward():
-    """Guards a key/value cache that shifts time positions or drops frames: frames appended one at a
-    time after a prefilled context give the causal forward's logits."""
-    model = small_model()
+@pytest.mark.parametrize("motion", [0, 2])
+def test_forward_cached_matches_forward(motion):
+    """Guards a key/value cache that shifts time positions or drops frames (or, with the
+    motion-copy head, the previous frame): frames appended one at a time after a prefilled context
+    give the causal forward's logits."""
+    model = small_model(motion_radius=motion)
     ids = tokens(2, 5)
     cond, has = frame_actions(moves(2, 5))
     with torch.no_grad():
@@ -348,9 +357,10 @@ def test_forward_cached_matches_forward():
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("motion", [0, 2])
 @pytest.mark.parametrize("temperature,choice_noise", [(1.0, 0.0), (1.0, 2.0), (0.0, 0.0)])
-def test_cached_rollout_equals_uncached(temperature, choice_noise):
-    model = small_model(seed=3)
+def test_cached_rollout_equals_uncached(temperature, choice_noise, motion):
+    model = small_model(seed=3, motion_radius=motion)
     ctx = tokens(2, 3, seed=4)
     acts, valid = moves(2, 7, seed=5), torch.ones(2, 7, dtype=torch.bool)
     valid[1, 3] = False
@@ -470,14 +480,16 @@ def scrolling_tokens(b: int, t: int, grid: int, seed: int) -> tuple[torch.Tensor
     return torch.stack([torch.stack(f) for f in frames]), shifts.float()
 
 
-def test_overfits_one_small_batch():
+@pytest.mark.parametrize("motion", [0, 2])
+def test_overfits_one_small_batch(motion):
     """Guards a model/loss/masking stack that cannot fit one batch (e.g. logits paired with the
     wrong targets, a cut gradient path):
     on one batch (B=2, T=4, grid 8, patch 2, dim 64) future-prediction masked-token accuracy
     exceeds 0.9 after 150 steps (measured: >= 0.99 on 4 seeds; 2-12 s on one thread, by machine load)."""
     torch.manual_seed(0)
     ids, acts = scrolling_tokens(2, 4, 8, seed=0)
-    model = MaskedDynamics(MaskedConfig(grid=8, patch=2, token_dim=8, dim=64, heads=4, depth=2, max_frames=4))
+    model = MaskedDynamics(MaskedConfig(grid=8, patch=2, token_dim=8, dim=64, heads=4, depth=2, max_frames=4,
+                                        motion_radius=motion))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     cond, has = frame_actions(acts)
     g, lc = torch.Generator().manual_seed(0), MaskedLossConfig()
@@ -506,10 +518,11 @@ def test_overfits_one_small_batch():
 # --------------------------------------------------------------------------------------------
 
 
-def test_context_copies_predict_each_frame_as_a_rollout_step():
+@pytest.mark.parametrize("motion", [0, 2])
+def test_context_copies_predict_each_frame_as_a_rollout_step(motion):
     """``forward_with_context``: frame t's logits equal the causal forward of the clean frames < t
     followed by masked frame t (a rollout's unmasking step), whatever the other masked frames hold."""
-    model = small_model(2)
+    model = small_model(2, motion_radius=motion)
     b, t = 2, 5
     clean, masked = tokens(b, t, seed=1), tokens(b, t, seed=2)
     masked[:, :, :4] = MASK
@@ -610,3 +623,76 @@ def test_time_shift_trains_the_positions_a_rollout_reaches(time_shift):
     reached = model.pos_time.grad.abs().sum(-1) > 0
     assert bool(reached[:3].all())
     assert bool(reached[3:].all()) == time_shift and bool(reached[3:].any()) == time_shift
+
+
+# --------------------------------------------------------------------------------------------
+# motion-copy head and action scale
+# --------------------------------------------------------------------------------------------
+
+
+def test_motion_copy_moves_the_previous_frame_by_the_kernels_displacement():
+    """``motion_copy``: a one-hot kernel at displacement (dy, dx) gives each pixel q the class of
+    prev[q + (dy, dx)], written out here with explicit indices; pixels whose source lies outside the
+    frame or is MASK put their weight in the last class; a two-point kernel splits it."""
+    prev = tokens(1, 1, seed=3)[:, 0]  # (1, 8, 8) in 0..15
+    prev[0, 2, 5] = MASK
+    r, k = 2, 5
+    for dy, dx in [(1, -1), (-2, 0), (0, 2)]:
+        kern = torch.zeros(1, 8, 8, k * k)
+        kern[..., (dy + r) * k + (dx + r)] = 1.0
+        out = motion_copy(prev, kern, r, MASK)
+        assert out.shape == (1, 8, 8, MASK + 1)
+        for y in range(8):
+            for x in range(8):
+                sy, sx = y + dy, x + dx
+                src = int(prev[0, sy, sx]) if 0 <= sy < 8 and 0 <= sx < 8 else MASK
+                assert out[0, y, x, src] == 1.0 and out[0, y, x].sum() == 1.0
+    kern = torch.zeros(1, 8, 8, k * k)
+    kern[..., r * k + r] = 0.25  # displacement (0, 0)
+    kern[..., r * k + r + 1] = 0.75  # displacement (0, 1)
+    out = motion_copy(prev, kern, r, MASK)
+    y, x = 4, 3
+    expected = torch.zeros(MASK + 1)
+    expected[prev[0, y, x]] += 0.25
+    expected[prev[0, y, x + 1]] += 0.75
+    torch.testing.assert_close(out[0, y, x], expected)
+
+
+def test_motion_head_gives_log_probabilities_and_can_move_the_previous_frame():
+    """The head's outputs are normalised log-probabilities; with its displacement set to (1, -1)
+    tokens, a narrow kernel and the gate open, the prediction of a fully masked frame is the previous
+    frame moved by that displacement (each pixel from prev[y + 1, x - 1]), whatever the rest of the
+    model says: guards a per-pixel layout or a (dy, dx) order that does not match ``motion_copy``."""
+    model = small_model(seed=1, motion_radius=2)
+    p2 = model.cfg.patch**2
+    with torch.no_grad():
+        model.motion.weight.zero_()
+        model.motion.bias.copy_(torch.tensor([1.0, -1.0, math.log(0.05), 20.0]).repeat(p2))
+    ids = tokens(2, 3, seed=5)
+    inp = ids.clone()
+    inp[:, 2] = MASK
+    cond, has = frame_actions(moves(2, 3))
+    with torch.no_grad():
+        logp = model(inp, cond, has, "causal")
+    torch.testing.assert_close(logp.logsumexp(-1), torch.zeros(2, 3, 8, 8), atol=1e-5, rtol=0)
+    pred = logp[:, 2].argmax(-1)
+    assert torch.equal(pred[:, :7, 1:], ids[:, 1, 1:, :7])
+    with torch.no_grad():  # with the gate shut, the head alone
+        model.motion.bias.copy_(torch.tensor([1.0, -1.0, math.log(0.05), -50.0]).repeat(p2))
+        shut = model(inp, cond, has, "causal")
+    assert not torch.equal(shut[:, 2].argmax(-1)[:, :7, 1:], ids[:, 1, 1:, :7])
+
+
+def test_continuous_action_scale_multiplies_the_actions():
+    """``action_scale`` s on actions a equals scale 1 on s * a, in both families' embeddings."""
+    from models.flow_dynamics import FlowConfig, FlowDynamics
+
+    a = moves(2, 3)
+    has = torch.ones(2, 3, dtype=torch.bool)
+    for build in (lambda s: small_model(seed=0, action_scale=s),
+                  lambda s: (torch.manual_seed(0), FlowDynamics(FlowConfig(latent_shape=(4, 4, 2), patch=2, dim=16,
+                                                                           heads=2, depth=1, action_scale=s)))[1]):
+        scaled, plain = build(12.5), build(1.0)
+        with torch.no_grad():
+            torch.testing.assert_close(scaled.action_embedding(a, has), plain.action_embedding(12.5 * a, has))
+            assert not torch.allclose(plain.action_embedding(a, has), plain.action_embedding(12.5 * a, has))

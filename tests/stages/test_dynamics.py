@@ -186,7 +186,8 @@ def trained(inputs, tmp_path_factory):
     def get(family: str, dataset: str, kind: str, action_input: str):
         key = (family, dataset, kind, action_input)
         if key not in done:
-            cfg = dynamics_config(family, action_input)
+            # MNIST's masked model with the motion-copy head (its default), gameplay's without
+            cfg = dynamics_config(family, action_input, **({"masked": {"motion_radius": 2}} if dataset == "mnist" else {}))
             name = "-".join(key)
             metrics, rows = stage.run(cfg, inputs(dataset, kind), root / name, root / f"work-{name}",
                                       where=f"dynamics.{dataset}", tokenizer_key=f"tokenizer.{dataset}.kind",
@@ -240,6 +241,16 @@ def test_each_family_runs_on_each_dataset(family, dataset, kind, action_input, i
     assert world.family == family and world.action_input == action_input
     assert meta["metrics"]["mse"] == pytest.approx(metrics["mse"]) and "train_seconds" not in meta["metrics"]
     lat, act = EpisodeStore.open(paths["latents"]), EpisodeStore.open(paths["actions"])
+    # continuous actions enter the model at unit scale: 1 / RMS of the training episodes' valid moves
+    expected_scale = 1.0
+    if action_input == "continuous":
+        frame_ep = np.repeat(np.arange(act.n_episodes), act.episode_lengths())
+        ok = np.isin(frame_ep, train_ids) & act.array("valid")[:].astype(bool)
+        expected_scale = 1.0 / float(np.sqrt(np.mean(act.array(ACTIONS_KEY)[:][ok].astype(np.float64) ** 2)))
+        assert expected_scale > 1.5  # the moves are fractions of the half frame: the scale is not a no-op
+    assert meta["config"]["action_scale"] == pytest.approx(expected_scale, rel=1e-9)
+    if family == "masked":
+        assert meta["config"]["motion_radius"] == (2 if dataset == "mnist" else 0)
     ep = EpisodeStore.open(paths["latents"]).episode_slice(tok["val_episodes"][0])
     window = slice(ep.start, ep.start + c + h)
     classes = act.array("action_class")[window][None] if "action_class" in act.keys else None
