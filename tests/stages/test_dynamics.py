@@ -186,7 +186,7 @@ def trained(inputs, tmp_path_factory):
     def get(family: str, dataset: str, kind: str, action_input: str):
         key = (family, dataset, kind, action_input)
         if key not in done:
-            # MNIST's masked model with the motion-copy head (its default), gameplay's without
+            # MNIST's masked model with the motion-copy head (an option, off by default), gameplay's without
             cfg = dynamics_config(family, action_input, **({"masked": {"motion_radius": 2}} if dataset == "mnist" else {}))
             name = "-".join(key)
             metrics, rows = stage.run(cfg, inputs(dataset, kind), root / name, root / f"work-{name}",
