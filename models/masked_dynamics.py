@@ -281,9 +281,9 @@ class MaskedDynamics(nn.Module):
 
         With the motion-copy head (``motion_radius`` > 0): ``prev`` (B, T, H, W) the ids of each
         frame's previous frame, ``has_prev`` (B, T) bool where the frame may see it. The result is
-        then the log of the mixture g * copy + (1 - g) * softmax(head), g the patch's gate (0
-        without a previous frame), copy the ``motion_copy`` of the previous frame under the
-        patch's kernel (its MASK/outside weight goes to softmax(head)): log-probabilities."""
+        then, per token, the log of the mixture g * copy + (1 - g) * softmax(head): g the token's
+        gate (0 without a previous frame), copy the ``motion_copy`` of the previous frame under the
+        token's Gaussian kernel (its MASK/outside weight goes to softmax(head)); log-probabilities."""
         c, g = self.cfg, self.cfg.grid
         h = self.norm(x)
         logits = unpatchify(self.head(h), c.patch, g, g)  # (B, T, H, W, levels)

@@ -133,8 +133,8 @@ class MaskedParams(StrictModel):
     heads: int = Field(4, gt=0)
     depth: int = Field(4, gt=0, description="blocks of spatial attention, temporal attention, FFN")
     mlp_ratio: int = Field(4, gt=0)
-    motion_radius: int = Field(0, ge=0, description="motion-copy head: each patch mixes its head with the previous "
-                               "frame's tokens displaced by up to this many tokens (a learned kernel); 0: off")
+    motion_radius: int = Field(0, ge=0, description="motion-copy head: each token mixes the head with the previous "
+                               "frame's tokens moved by up to this many tokens (a learned kernel); 0: off")
     objectives: ObjectiveParams = ObjectiveParams()
     sample_steps: int = Field(20, gt=0, description="iterative unmasking steps per frame (cosine schedule)")
     temperature: float = Field(1.0, ge=0, description="sampling temperature (0: argmax)")
