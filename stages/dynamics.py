@@ -224,23 +224,23 @@ def model_config(cfg: Config, tok_meta: dict, n_classes: int = 5, action_scale: 
             "k_max": p.k_max, "residual": p.residual, **actions}
 
 
-def continuous_action_scale(act: EpisodeStore, episodes: np.ndarray) -> float:
-    """1 / RMS of the valid ``[dx, dy]`` of ``episodes`` (the training ones): continuous actions
-    enter the model at unit scale (MNIST's moves are ~0.07 of the half canvas, which a freshly
-    initialised embedding all but ignores). 1.0 when those episodes hold no valid move."""
-    frame_ep = np.repeat(np.arange(act.n_episodes), act.episode_lengths())
-    rows = np.isin(frame_ep, episodes) & act.array(VALID_KEY)[:].astype(bool)
+def continuous_action_scale(act: EpisodeStore, is_train: np.ndarray) -> float:
+    """1 / RMS of the valid ``[dx, dy]`` of the frames where ``is_train`` (per frame, bool): continuous
+    actions enter the model at unit scale (MNIST's moves are ~0.07 of the half canvas, which a
+    freshly initialised embedding all but ignores). 1.0 when those frames hold no valid move."""
+    rows = is_train & act.array(VALID_KEY)[:].astype(bool)
     a = act.array(ACTIONS_KEY)[:][rows].astype(np.float64)
     rms = float(np.sqrt(np.mean(a**2))) if a.size else 0.0
     return 1.0 / rms if rms > 0 else 1.0
 
 
-def build(cfg: Config, tok_meta: dict, where: str, action_scale: float = 1.0) -> torch.nn.Module:
-    """The model, or a ParamsError naming the block when its sizes do not fit the latents."""
+def build(cfg: Config, tok_meta: dict, where: str, model_cfg: dict) -> torch.nn.Module:
+    """The model of ``model_cfg`` (``model_config``), or a ParamsError naming the block when its
+    sizes do not fit the latents."""
     from models import registry
 
     try:
-        return registry.build("dynamics", cfg.family, model_config(cfg, tok_meta, action_scale=action_scale))
+        return registry.build("dynamics", cfg.family, model_cfg)
     except ValueError as exc:
         raise ParamsError(f"{where}.{cfg.family}: {exc} (tokenizer latents {tok_meta['latent_shape']})") from None
 
@@ -466,12 +466,13 @@ def run(cfg: Config, item_paths: dict[str, Path], out_dir: Path | str, work_dir:
         raise ParamsError(f"{where}.eval: {len(seqs[LATENTS_KEY])} held-out sequence of "
                           f"{cfg.eval.context_frames + cfg.eval.horizon} frames; the shuffled-actions control "
                           f"needs at least 2 (raise max_sequences, or shorten context_frames + horizon)")
-    scale = continuous_action_scale(act, train_ids) if cfg.action_input == "continuous" else 1.0
+    is_train = np.isin(np.repeat(np.arange(lat.n_episodes), lat.episode_lengths()), train_ids)  # per frame
+    scale = continuous_action_scale(act, is_train) if cfg.action_input == "continuous" else 1.0
     model_cfg = model_config(cfg, tok_meta, action_scale=scale)
     train_cfg = cfg.train
     device = resolve_device(train_cfg.device)
     torch.manual_seed(train_cfg.seed)
-    model = build(cfg, tok_meta, where, action_scale=scale).to(device)
+    model = build(cfg, tok_meta, where, model_cfg).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s: %s model, %.2fM parameters, %d train / %d held-out episodes", where, cfg.family, n_params / 1e6,
              len(train_ids), len(val_ids))
@@ -491,8 +492,7 @@ def run(cfg: Config, item_paths: dict[str, Path], out_dir: Path | str, work_dir:
     mask_id = tok_meta["config"]["levels"] if cfg.family == "masked" else None
     norm = None
     if cfg.family == "flow":  # per-channel statistics of the training latents
-        frame_ep = np.repeat(np.arange(lat.n_episodes), lat.episode_lengths())
-        norm = latent_norm(lat.array(LATENTS_KEY)[:][np.isin(frame_ep, train_ids)])
+        norm = latent_norm(lat.array(LATENTS_KEY)[:][is_train])
     config = {"params": cfg.model_dump(mode="json"), "model": model_cfg,
               "data": store_fingerprint(lat, [LATENTS_KEY]) + store_fingerprint(act, act.keys)}
     t0 = time.perf_counter()
