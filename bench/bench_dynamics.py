@@ -285,14 +285,16 @@ class TrainingSetup:
                 self.every = 0
         self.mask_id = self.tok_meta["config"]["levels"] if cfg.family == "masked" else None
         self.norm = None
+        is_train = np.isin(np.repeat(np.arange(lat.n_episodes), lat.episode_lengths()), train_ids)
         if cfg.family == "flow":
-            frame_ep = np.repeat(np.arange(lat.n_episodes), lat.episode_lengths())
-            self.norm = latent_norm(lat.array(LATENTS_KEY)[:][np.isin(frame_ep, train_ids)])
+            self.norm = latent_norm(lat.array(LATENTS_KEY)[:][is_train])
+        scale = dyn.continuous_action_scale(act, is_train) if cfg.action_input == "continuous" else 1.0
+        self.model_cfg = dyn.model_config(cfg, self.tok_meta, action_scale=scale)  # as the stage builds it
         self.loss_fn = dyn.loss_function(cfg, self.mask_id, self.norm)
 
     def model(self, device: torch.device) -> torch.nn.Module:
         torch.manual_seed(self.cfg.train.seed)
-        return dyn.build(self.cfg, self.tok_meta, self.where).to(device)
+        return dyn.build(self.cfg, self.tok_meta, self.where, self.model_cfg).to(device)
 
     def batches(self, tcfg) -> Callable:
         return dyn.alternating_batches(self.short, self.long, tcfg, self.every, self.long_batch, self.loader)
@@ -371,7 +373,7 @@ def bench_train(setup: TrainingSetup, warmup: int, steps: int, rounds: int, devi
     out = {
         "family": cfg.family, "device": str(device), "bf16": use_bf16(tcfg, device),
         "torch_threads": torch.get_num_threads(), "n_params": int(sum(p.numel() for p in probe.parameters())),
-        "model": {k: v for k, v in dyn.model_config(cfg, setup.tok_meta).items() if k in
+        "model": {k: v for k, v in setup.model_cfg.items() if k in
                   ("patch", "dim", "heads", "depth", "latent_shape", "grid", "max_frames")},
         "tokens_per_frame": tpf, "batch_size": cfg.train.batch_size, "window": cfg.window,
         "long_window": cfg.flow.long_window if setup.every else None, "long_every": setup.every or None,
