@@ -251,6 +251,7 @@ def bench_cache(world: World, cfg: dyn.Config, seqs: dict[str, np.ndarray], roun
     return {
         "family": world.family, "sequences": n, "context_frames": c, "horizon": h,
         "steps": int(world.meta["sample"]["steps"]),
+        **({"decode": world.meta["sample"].get("decode", "maskgit")} if world.family == "masked" else {}),
         "seconds_per_frame": {"cached": rnd(median(secs[True])), "uncached": rnd(median(secs[False]))},
         "seconds_per_frame_rounds": {"cached": [rnd(s) for s in secs[True]],
                                      "uncached": [rnd(s) for s in secs[False]]},

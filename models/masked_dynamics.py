@@ -53,6 +53,8 @@ from models.common import MLP, SelfAttention, context_copy_mask, frame_actions, 
 TEMPORAL_KINDS = ("causal", "bidirectional", "identity")
 OBJECTIVES = ("future", "joint", "individual")
 ACTION_KINDS = ("continuous", "discrete")
+# how a rollout turns a frame's logits into tokens: MaskGIT sampling, or each token's expected level
+DECODES = ("maskgit", "expected")
 MOTION_INIT_LOG_WIDTH = math.log(0.5)  # initial kernel width, tokens
 MOTION_INIT_GATE = 2.0  # initial copy-gate logit
 
@@ -632,6 +634,17 @@ def maskgit_unmask(
     return ids
 
 
+def expected_levels(logits: torch.Tensor) -> torch.Tensor:
+    """Each token's expected gray level under ``softmax(logits)`` (..., levels), rounded to the
+    nearest level id: sum_i p_i * i. The quantize tokens are evenly spaced gray levels, so this is
+    the model's minimum-squared-error estimate of each token's gray value (rounded), where a sample
+    is a random draw whose squared error is, on average, larger by the distribution's variance."""
+    levels = logits.shape[-1]
+    p = logits.float().softmax(-1)
+    mean = (p * torch.arange(levels, dtype=p.dtype, device=p.device)).sum(-1)
+    return mean.round().clamp_(0, levels - 1).long()
+
+
 @torch.no_grad()
 def sample_next_frame(
     model: MaskedDynamics,
@@ -643,13 +656,18 @@ def sample_next_frame(
     generator: torch.Generator | None = None,
     cache: KVCache | None = None,
     choice_noise: float = 0.0,
+    decode: str = "maskgit",
 ) -> torch.Tensor:
     """Sample frame t given the clean frames ``past_ids`` (B, t, H, W) under the causal mask.
 
     ``cond``/``has``: frame-aligned actions covering frames 0..t, (B, >= t+1, ...). With ``cache``
     (holding exactly frames 0..t-1, from ``forward_cached``) each unmasking step runs only the new
-    frame; without, each step runs all t+1 frames. Returns (B, H, W) long ids in 0..levels-1.
+    frame; without, each step runs all t+1 frames. ``decode``: "maskgit" (iterative unmasking,
+    ``steps`` and ``temperature``) or "expected" (``expected_levels``: one pass, no randomness).
+    Returns (B, H, W) long ids in 0..levels-1.
     """
+    if decode not in DECODES:
+        raise ValueError(f"unknown decode {decode!r}; expected one of {DECODES}")
     c = model.cfg
     b, t = past_ids.shape[:2]
     if cache is not None and cache.frames != t:
@@ -667,8 +685,12 @@ def sample_next_frame(
             logits = model(torch.cat([past, frame], 1), cond[:, : t + 1], has[:, : t + 1], "causal")[:, -1:]
         return logits.reshape(b, c.grid * c.grid, c.levels)
 
-    out = maskgit_unmask(logits_fn, b, c.grid * c.grid, c.mask_id, steps, temperature, generator,
-                         choice_noise, past_ids.device)
+    if decode == "expected":
+        out = expected_levels(logits_fn(torch.full((b, c.grid * c.grid), c.mask_id, dtype=torch.long,
+                                                   device=past_ids.device)))
+    else:
+        out = maskgit_unmask(logits_fn, b, c.grid * c.grid, c.mask_id, steps, temperature, generator,
+                             choice_noise, past_ids.device)
     return out.view(b, c.grid, c.grid)
 
 
@@ -684,8 +706,10 @@ def rollout(
     generator: torch.Generator | None = None,
     cache: bool = True,
     choice_noise: float = 0.0,
+    decode: str = "maskgit",
 ) -> torch.Tensor:
-    """Predict ``horizon`` frames after ``context_ids`` (B, C, H, W), one frame at a time.
+    """Predict ``horizon`` frames after ``context_ids`` (B, C, H, W), one frame at a time, each
+    decoded by ``decode`` (see ``sample_next_frame``) and fed back as the next frame's past.
 
     ``actions``: per transition, (B, >= C+horizon-1, ...) (``actions[:, t]`` moves frame t to t+1);
     ``valid``: (B, same) bool or None. With ``cache`` the context and each finished frame run once
@@ -712,7 +736,7 @@ def rollout(
     out = []
     for i in range(horizon):
         t = c_len + i
-        nxt = sample_next_frame(model, frames, cond, has, steps, temperature, generator, kv, choice_noise)
+        nxt = sample_next_frame(model, frames, cond, has, steps, temperature, generator, kv, choice_noise, decode)
         frames = torch.cat([frames, nxt[:, None]], 1)
         if cache and i < horizon - 1:
             kv = model.forward_cached(nxt[:, None], cond[:, t : t + 1], has[:, t : t + 1], kv)[1]

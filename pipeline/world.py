@@ -95,8 +95,11 @@ class World:
     # -- rollouts ---------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, context: torch.Tensor, actions: torch.Tensor, valid: torch.Tensor, horizon: int,
-                steps: int | None = None, generator: torch.Generator | None = None, cache: bool = True) -> torch.Tensor:
-        """``horizon`` frames after ``context`` (B, C, ...) under per-transition ``actions`` (B, C + horizon, ...)."""
+                steps: int | None = None, generator: torch.Generator | None = None, cache: bool = True,
+                decode: str | None = None) -> torch.Tensor:
+        """``horizon`` frames after ``context`` (B, C, ...) under per-transition ``actions`` (B, C + horizon, ...).
+
+        Masked family: ``decode`` overrides the model's own ("maskgit" or "expected")."""
         s = self.meta["sample"]
         c = context.shape[1]
         acts, val = actions[:, : c + horizon], valid[:, : c + horizon]
@@ -104,7 +107,8 @@ class World:
             return flow_dynamics.rollout(self.dynamics, context, acts, val, horizon, steps=steps or s["steps"],
                                          tau_ctx=s["tau_ctx"], generator=generator, cache=cache)
         return masked_dynamics.rollout(self.dynamics, context, acts, val, horizon, steps=steps or s["steps"],
-                                       temperature=s["temperature"], generator=generator, cache=cache)
+                                       temperature=s["temperature"], generator=generator, cache=cache,
+                                       decode=decode or s.get("decode", "maskgit"))
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> np.ndarray:

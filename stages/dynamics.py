@@ -3,8 +3,9 @@
 Two families, chosen by ``dynamics.<dataset>.family`` (models in ``models/``):
 
 - ``masked`` (``models/masked_dynamics.py``): a masked-token video transformer (CoPilot4D /
-  MaskGIT) over the ``quantize`` tokenizer's token ids; three objectives mixed by params; sampling
-  by iterative unmasking, frame by frame.
+  MaskGIT) over the ``quantize`` tokenizer's token ids; three objectives mixed by params; rollouts
+  frame by frame, each frame sampled by iterative unmasking or (``masked.decode: expected``) set to
+  each token's expected gray level, the model's minimum-MSE point estimate.
 - ``flow`` (``models/flow_dynamics.py``): DreamerV4-style flow matching with x-prediction,
   diffusion forcing (per-frame signal levels, lightly corrupted context) and shortcut forcing
   (bootstrap targets for larger steps), over the continuous latents of a ``cnn`` or ``mae``
@@ -25,7 +26,8 @@ Evaluation (held-out episodes, in frame space through the tokenizer's decoder): 
 against the true frames, beside copying the last context frame, the mean training frame and the
 tokenizer's own reconstruction (the ceiling); the same rollouts with the actions shuffled across
 held-out sequences (the action-sensitivity gap); for ``flow`` quality and time at K = 1, 2, 4, ...,
-k_max steps per frame.
+k_max steps per frame; for ``masked`` the MSE and PSNR of both decodes (``mse_maskgit``,
+``mse_expected``; ``mse`` is the configured one's).
 
 Outputs: ``data/<ds>/dynamics/`` (``model.pt``, ``dynamics.json``: family, config, tokenizer kind,
 action input, sampling settings, held-out episodes, metrics), ``metrics/dynamics-<ds>.json`` and
@@ -138,6 +140,9 @@ class MaskedParams(StrictModel):
     objectives: ObjectiveParams = ObjectiveParams()
     sample_steps: int = Field(20, gt=0, description="iterative unmasking steps per frame (cosine schedule)")
     temperature: float = Field(1.0, ge=0, description="sampling temperature (0: argmax)")
+    decode: Literal["maskgit", "expected"] = Field(
+        "maskgit", description="rollouts' frames: maskgit (sample_steps of iterative unmasking) or expected (each "
+        "token's expected gray level, the model's minimum-MSE estimate, in one pass); metrics report both")
 
 
 class FlowParams(StrictModel):
@@ -248,7 +253,7 @@ def build(cfg: Config, tok_meta: dict, where: str, model_cfg: dict) -> torch.nn.
 def sample_settings(cfg: Config) -> dict:
     if cfg.family == "flow":
         return {"steps": cfg.flow.sample_steps, "tau_ctx": cfg.flow.tau_ctx}
-    return {"steps": cfg.masked.sample_steps, "temperature": cfg.masked.temperature}
+    return {"steps": cfg.masked.sample_steps, "temperature": cfg.masked.temperature, "decode": cfg.masked.decode}
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -359,10 +364,12 @@ def held_out_sequences(cfg: Config, lat: EpisodeStore, act: EpisodeStore, frames
 
 
 def rollout_frames(world: World, seqs: dict[str, np.ndarray], cfg: Config, actions_perm: np.ndarray | None = None,
-                   steps: int | None = None, limit: int | None = None) -> tuple[np.ndarray, float]:
+                   steps: int | None = None, limit: int | None = None, decode: str | None = None
+                   ) -> tuple[np.ndarray, float]:
     """Decoded rollouts (N, horizon, H, W, C) in [0, 1] and the seconds per generated frame.
 
-    ``actions_perm``: take sequence i's actions from sequence ``actions_perm[i]`` (shuffled control)."""
+    ``actions_perm``: take sequence i's actions from sequence ``actions_perm[i]`` (shuffled control);
+    ``decode``: the masked family's decode, when not the model's own."""
     c, h = cfg.eval.context_frames, cfg.eval.horizon
     n = len(seqs[LATENTS_KEY]) if limit is None else min(limit, len(seqs[LATENTS_KEY]))
     order = np.arange(n) if actions_perm is None else actions_perm[:n]
@@ -375,7 +382,7 @@ def rollout_frames(world: World, seqs: dict[str, np.ndarray], cfg: Config, actio
         acts, valid = world.actions(seqs[ACTIONS_KEY][order[idx]], None if classes is None else classes[order[idx]],
                                     seqs[VALID_KEY][order[idx]])
         t0 = time.perf_counter()
-        z = world.rollout(context, acts, valid, h, steps=steps, generator=gen)
+        z = world.rollout(context, acts, valid, h, steps=steps, generator=gen, decode=decode)
         seconds += time.perf_counter() - t0
         out.append(world.decode(z))
     return np.concatenate(out), seconds / (n * h)
@@ -403,6 +410,12 @@ def evaluate(world: World, cfg: Config, seqs: dict[str, np.ndarray], mean: np.nd
         metrics[f"mse{suffix}"] = float(e["mse"].mean())
         metrics[f"psnr{suffix}"] = float(e["psnr"].mean())
         metrics[f"mse_frame_sum{suffix}"] = float(e["mse_frame_sum"].mean())
+    if world.family == "masked":  # the other decode beside the model's own, on the same sequences
+        own = world.meta["sample"].get("decode", "maskgit")
+        other = "expected" if own == "maskgit" else "maskgit"
+        e = horizon_errors(rollout_frames(world, seqs, cfg, decode=other)[0], target)
+        metrics[f"mse_{own}"], metrics[f"psnr_{own}"] = metrics["mse"], metrics["psnr"]
+        metrics[f"mse_{other}"], metrics[f"psnr_{other}"] = float(e["mse"].mean()), float(e["psnr"].mean())
     metrics["mse_gain_vs_copy_last"] = 1 - metrics["mse"] / metrics["mse_copy_last"]
     metrics["mse_gain_vs_mean_frame"] = 1 - metrics["mse"] / metrics["mse_mean_frame"]
     metrics["action_gap"] = metrics["mse_shuffled_actions"] - metrics["mse"]

@@ -16,6 +16,7 @@ from models.masked_dynamics import (
     MaskedConfig,
     MaskedDynamics,
     MaskedLossConfig,
+    expected_levels,
     masked_after_step,
     masked_loss,
     masked_objective_batch,
@@ -370,6 +371,52 @@ def test_cached_rollout_equals_uncached(temperature, choice_noise, motion):
         for cache in (True, False)
     ]
     assert torch.equal(runs[0], runs[1])
+
+
+def test_expected_levels_is_the_rounded_mean_level():
+    """Guards an argmax (the mode, not the mean) or a mean over the wrong axis: probabilities
+    written out by hand give sum_i p_i * i, rounded to the nearest level."""
+    p = torch.tensor([[0.5, 0.0, 0.0, 0.5],      # mean 1.5 -> 2 (mode 0)
+                      [0.9, 0.1, 0.0, 0.0],      # mean 0.1 -> 0
+                      [0.0, 0.2, 0.2, 0.6],      # mean 2.4 -> 2 (mode 3)
+                      [0.1, 0.1, 0.1, 0.7]])     # mean 2.4 -> 2
+    assert expected_levels(torch.log(p + 1e-30)).tolist() == [2, 0, 2, 2]
+
+
+def test_expected_decode_beats_samples_in_squared_error():
+    """The point of the expected decode: for a bimodal token the mean level's squared error,
+    averaged over draws from the distribution, is below that of a draw itself."""
+    logits = torch.log(torch.tensor([0.5, 1e-9, 1e-9, 1e-9, 0.5]))
+    draws = maskgit_unmask(lambda ids: logits.expand(1, 4000, 5), 1, 4000, mask_id=5, steps=1,
+                           generator=torch.Generator().manual_seed(0))[0].float()
+    point = float(expected_levels(logits))
+    sample = draws[torch.randperm(4000, generator=torch.Generator().manual_seed(1))]
+    assert point == 2.0
+    assert ((draws - point) ** 2).mean() < 0.6 * ((draws - sample) ** 2).mean()
+
+
+@pytest.mark.parametrize("motion", [0, 2])
+def test_expected_decode_rolls_out_each_frames_mean_level(motion):
+    """Guards an expected decode that reads another frame's logits or feeds back something other
+    than the frame it returns: each rolled-out frame equals the rounded mean level of the causal
+    forward's logits for that frame (all MASK) given the frames before it; cached equals uncached;
+    no generator is needed and the result does not depend on the sampling settings."""
+    model = small_model(seed=2, motion_radius=motion)
+    ctx, acts = tokens(2, 3, seed=1), moves(2, 6, seed=2)
+    runs = [rollout(model, ctx, acts, None, horizon=3, steps=steps, temperature=temp, cache=cache, decode="expected")
+            for cache, steps, temp in ((True, 20, 1.0), (False, 3, 0.5))]
+    assert torch.equal(runs[0], runs[1])
+    cond, has = frame_actions(acts)
+    frames = ctx.long()
+    for i in range(3):
+        inp = torch.cat([frames, torch.full_like(frames[:, :1], MASK)], 1)
+        with torch.no_grad():
+            logits = model(inp, cond[:, : inp.shape[1]], has[:, : inp.shape[1]], "causal")[:, -1]
+        want = expected_levels(logits)
+        assert torch.equal(runs[0][:, i], want), i
+        frames = torch.cat([frames, want[:, None]], 1)
+    with pytest.raises(ValueError, match="unknown decode 'mean'"):
+        rollout(model, ctx, acts, None, horizon=1, decode="mean")
 
 
 def test_temperature_zero_is_deterministic_and_temperature_one_is_not():
