@@ -78,8 +78,7 @@ def held_out_windows(store: EpisodeStore, val_ids: np.ndarray, window: int, max_
 
 def mean_frame(store: EpisodeStore, train_ids: np.ndarray, key: str = FRAMES_KEY, batch: int = 1024) -> np.ndarray:
     """The mean training frame (H, W, C) in [0, 1], over every frame of the training episodes."""
-    frame_episode = np.repeat(np.arange(store.n_episodes), store.episode_lengths())
-    is_train = np.isin(frame_episode, train_ids)
+    is_train = store.frames_of(train_ids)
     total = np.zeros(store.array(key).shape[1:], dtype=np.float64)
     for start, frames in iter_batches(store.path, key, batch):
         keep = is_train[start : start + len(frames)]

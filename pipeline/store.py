@@ -415,6 +415,10 @@ class EpisodeStore:
     def episode_lengths(self) -> np.ndarray:
         return np.diff(np.concatenate([[0], self.episode_ends]))
 
+    def frames_of(self, episodes: np.ndarray | list[int]) -> np.ndarray:
+        """(frames,) bool: True at every frame of the given ``episodes`` (indices), e.g. the training split."""
+        return np.isin(np.repeat(np.arange(self.n_episodes), self.episode_lengths()), np.asarray(episodes))
+
     def episode_slice(self, i: int) -> slice:
         return slice(int(self.episode_starts[i]), int(self.episode_ends[i]))
 

@@ -479,7 +479,7 @@ def run(cfg: Config, item_paths: dict[str, Path], out_dir: Path | str, work_dir:
         raise ParamsError(f"{where}.eval: {len(seqs[LATENTS_KEY])} held-out sequence of "
                           f"{cfg.eval.context_frames + cfg.eval.horizon} frames; the shuffled-actions control "
                           f"needs at least 2 (raise max_sequences, or shorten context_frames + horizon)")
-    is_train = np.isin(np.repeat(np.arange(lat.n_episodes), lat.episode_lengths()), train_ids)  # per frame
+    is_train = lat.frames_of(train_ids)  # per frame
     scale = continuous_action_scale(act, is_train) if cfg.action_input == "continuous" else 1.0
     model_cfg = model_config(cfg, tok_meta, action_scale=scale)
     train_cfg = cfg.train

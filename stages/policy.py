@@ -216,8 +216,7 @@ def fit_coder(cfg: Config, act: EpisodeStore, train_ids: np.ndarray) -> ActionCo
     if ACTION_CLASS_KEY in act.keys:
         return ActionCoder(True, None)
     valid = act.array(VALID_KEY)[:]
-    frame_ep = np.repeat(np.arange(act.n_episodes), act.episode_lengths())
-    keep = valid & np.isin(frame_ep, train_ids)
+    keep = valid & act.frames_of(train_ids)
     disc = ActionDiscretizer(DiscretizerConfig(**cfg.discretizer.model_dump())).fit(act.array(ACTIONS_KEY)[:][keep])
     return ActionCoder(False, disc)
 
@@ -559,8 +558,7 @@ def run(cfg: Config, item: str, paths: dict[str, Path], out_dir: Path | str, gif
 
 def _train_action_ids(act: EpisodeStore, train_ids: np.ndarray, coder: ActionCoder) -> np.ndarray:
     """Every valid training transition's action id (the marginal baseline's data)."""
-    frame_ep = np.repeat(np.arange(act.n_episodes), act.episode_lengths())
-    keep = act.array(VALID_KEY)[:] & np.isin(frame_ep, train_ids)
+    keep = act.array(VALID_KEY)[:] & act.frames_of(train_ids)
     if coder.discrete:
         return act.array(ACTION_CLASS_KEY)[:][keep].astype(np.int64)
     return coder.ids(act.array(ACTIONS_KEY)[:][keep])

@@ -52,6 +52,17 @@ def test_round_trip_and_layout(tmp_path):
     assert not list(tmp_path.glob(".s.zarr.tmp-*"))
 
 
+def test_frames_of_marks_exactly_the_frames_of_the_given_episodes(tmp_path):
+    """Guards an off-by-one at episode boundaries (ends exclusive) and an empty or 1-frame episode."""
+    s = EpisodeStore.open(write_episode_store(tmp_path / "s.zarr", episodes([5, 13, 1, 9]), SMALL))
+    want = np.zeros(28, dtype=bool)
+    want[5:18] = True   # episode 1
+    want[18:19] = True  # episode 2
+    np.testing.assert_array_equal(s.frames_of([1, 2]), want)
+    np.testing.assert_array_equal(s.frames_of(np.array([3])), np.arange(28) >= 19)
+    assert not s.frames_of([]).any() and s.frames_of(range(4)).all()
+
+
 def test_rewrite_replaces_and_is_byte_identical(tmp_path):
     def files(p):
         return {f.relative_to(p): f.read_bytes() for f in sorted(p.rglob("*")) if f.is_file()}
