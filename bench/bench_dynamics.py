@@ -286,7 +286,7 @@ class TrainingSetup:
                 self.every = 0
         self.mask_id = self.tok_meta["config"]["levels"] if cfg.family == "masked" else None
         self.norm = None
-        is_train = np.isin(np.repeat(np.arange(lat.n_episodes), lat.episode_lengths()), train_ids)
+        is_train = lat.frames_of(train_ids)
         if cfg.family == "flow":
             self.norm = latent_norm(lat.array(LATENTS_KEY)[:][is_train])
         scale = dyn.continuous_action_scale(act, is_train) if cfg.action_input == "continuous" else 1.0
