@@ -20,6 +20,10 @@ Conditioning is AdaLN-Zero (DiT): per frame, ``c = emb(tau) + emb(d) + emb(actio
 (B, T, D) gives each block's shift / scale / gate of its three sub-layers (spatial attention,
 causal temporal attention, MLP); gates and the output layer start at zero.
 
+Residual base (``residual``): each frame is predicted as a correction of its predecessor's
+posterior mean; with ``camera_warp`` that base is first moved against the camera's motion under the
+frame's action (``warp``), and the network also reads it as an input (``FlowDynamics.base``).
+
 Limits: temporal positions are learned, so a forward pass (cache included) covers at most
 ``max_frames`` frames; ``rollout`` keeps a sliding window of the last ``max_frames - 1`` context
 frames. MAE latents viewed as (N, 1, D) need ``patch=1``.
@@ -61,6 +65,12 @@ class FlowConfig:
     action_classes: int = 5
     k_max: int = 64  # finest step 1 / k_max
     residual: bool = False  # predict each frame as a correction of its predecessor's denoised input
+    # camera warp: the residual base is the predecessor moved against the camera's motion under the
+    # frame's action, and the network also reads that base as an input (``FlowDynamics.base``). Motion
+    # in normalised units (image half-sizes; +x right, +y down): continuous actions are that motion
+    # (before action_scale); discrete class k moves the camera by class_motion[k].
+    camera_warp: bool = False
+    class_motion: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self):
         self.latent_shape = tuple(int(s) for s in self.latent_shape)
@@ -80,6 +90,18 @@ class FlowConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (math.isfinite(self.action_scale) and self.action_scale > 0):
             raise ValueError(f"action_scale must be finite and > 0, got {self.action_scale}")
+        if self.camera_warp:
+            if not self.residual:
+                raise ValueError("camera_warp moves the residual base: it needs residual")
+            if self.action_kind == "continuous" and self.action_dim != 2:
+                raise ValueError(f"camera_warp reads continuous actions as [dx, dy], got action_dim {self.action_dim}")
+            if self.action_kind == "discrete":
+                if self.class_motion is None:
+                    raise ValueError("camera_warp with discrete actions needs class_motion (each class's motion)")
+                self.class_motion = tuple(tuple(float(v) for v in m) for m in self.class_motion)
+                if len(self.class_motion) != self.action_classes or any(len(m) != 2 for m in self.class_motion):
+                    raise ValueError(f"class_motion must give [dx, dy] for each of the {self.action_classes} "
+                                     f"classes, got {self.class_motion}")
 
     @property
     def tokens_per_frame(self) -> int:
@@ -159,16 +181,34 @@ def mmse(z_noisy: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return z_noisy.float() * t / (t * t + (1 - t) ** 2)
 
 
-def residual_base(z_noisy: torch.Tensor, tau: torch.Tensor,
-                  prev: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """Each frame's base: ``mmse`` of the frame before it (``prev`` for the first; 0 without)."""
+def predecessors(z_noisy: torch.Tensor, tau: torch.Tensor,
+                 prev: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each frame's predecessor and its signal level: the frames shifted one step later in time,
+    ``prev`` (noisy latents (B, 1, ...), level (B, 1)) first, or pure noise at level 0 (``mmse`` 0)."""
     if prev is None:
         first, first_tau = torch.zeros_like(z_noisy[:, :1]), torch.zeros_like(tau[:, :1])
     else:
         first, first_tau = prev
     zs = torch.cat([first.to(z_noisy.dtype), z_noisy[:, :-1]], dim=1)
     ts = torch.cat([first_tau.to(tau.dtype), tau[:, :-1]], dim=1)
-    return mmse(zs, ts)
+    return zs, ts
+
+
+
+def warp(z: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Latent frames ``z`` (B, T, H, W, C) with their content moved by ``shift`` (B, T, 2) grid cells
+    (dx, dy; +x right, +y down): ``out(p) = z(p - shift)``, bilinear between cells, the border
+    repeated where content enters. Integer shifts move cells exactly; a zero shift returns ``z``."""
+    b, t, h, w, c = z.shape
+    x = z.reshape(b * t, h, w, c).permute(0, 3, 1, 2).float()
+    s = shift.reshape(b * t, 2).float()
+    ys = torch.arange(h, device=z.device, dtype=torch.float32)
+    xs = torch.arange(w, device=z.device, dtype=torch.float32)
+    gx = (xs[None, None, :] - s[:, 0, None, None] + 0.5) * (2.0 / w) - 1  # align_corners=False centres
+    gy = (ys[None, :, None] - s[:, 1, None, None] + 0.5) * (2.0 / h) - 1
+    grid = torch.stack(torch.broadcast_tensors(gx, gy), dim=-1)  # (BT, H, W, 2) as (x, y)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.permute(0, 2, 3, 1).reshape(b, t, h, w, c).to(z.dtype)
 
 
 class FlowDynamics(nn.Module):
@@ -190,12 +230,18 @@ class FlowDynamics(nn.Module):
         else:
             self.action_emb = nn.Embedding(cfg.action_classes, d)
         self.no_action = nn.Parameter(torch.randn(d) * 0.02)
+        if cfg.camera_warp:
+            self.inp_base = nn.Linear(cfg.patch * cfg.patch * c, d)  # the warped base as an input
+            if cfg.action_kind == "discrete":
+                self.register_buffer("class_motion", torch.tensor(cfg.class_motion, dtype=torch.float32),
+                                     persistent=False)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(d, 2 * d)
         self.out = nn.Linear(d, cfg.patch * cfg.patch * c)
         self.apply(self._init)
-        for m in [b.ada for b in self.blocks] + [self.ada_out, self.out]:  # AdaLN-Zero
+        zero = [self.inp_base] if cfg.camera_warp else []
+        for m in [b.ada for b in self.blocks] + [self.ada_out, self.out] + zero:  # AdaLN-Zero
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
@@ -237,6 +283,31 @@ class FlowDynamics(nn.Module):
     def condition(self, tau: torch.Tensor, d: torch.Tensor, actions: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
         """The per-frame condition ``c`` (B, T, D) that drives every block's AdaLN."""
         return self.noise_embedding(tau, d) + self.action_embedding(actions, has)
+
+    def content_shift(self, actions: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+        """Per-frame shift (B, T, 2) in latent cells of the scene content under the frame's action:
+        the opposite of the camera's motion (normalised by the half image), 0 without an action."""
+        h, w, _ = self.cfg.latent_shape
+        if self.cfg.action_kind == "continuous":
+            motion = actions.float()
+        else:
+            motion = self.class_motion[actions.long()]
+        half = torch.tensor([w / 2, h / 2], device=motion.device)
+        return torch.where(has[..., None], -motion * half, torch.zeros_like(motion))
+
+    def base(self, z_prev: torch.Tensor, tau_prev: torch.Tensor, actions: torch.Tensor,
+             has: torch.Tensor) -> torch.Tensor:
+        """Residual bases (B, T, H, W, C): ``mmse`` of each frame's predecessor ``z_prev`` at
+        ``tau_prev``; with ``camera_warp`` moved by ``content_shift`` of the frame's action.
+
+        Why the base also enters as an input: the CNN tokenizer's latents are not shift-equivariant
+        at Crafter's tile size (1.78 latent cells at 64 px), so the bilinearly moved latents need a
+        correction that depends on them at each position; the tokens of the noisy frame do not
+        carry them, and the context reaches a token only unmoved, through temporal attention."""
+        out = mmse(z_prev, tau_prev)
+        if self.cfg.camera_warp:
+            out = warp(out, self.content_shift(actions, has))
+        return out
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -287,6 +358,10 @@ class FlowDynamics(nn.Module):
             raise ValueError(f"{t0} cached + {t} frames exceed max_frames {cfg.max_frames}")
         x = self.inp(patchify(z_noisy, cfg.patch).to(self.inp.weight.dtype))  # (B, T, N, D)
         x = x + self.pos_space + self.pos_time[t0:t0 + t, None, :]
+        if cfg.residual:
+            base = self.base(*predecessors(z_noisy, tau, prev), actions, has)
+            if cfg.camera_warp:
+                x = x + self.inp_base(patchify(base, cfg.patch).to(self.inp.weight.dtype))
         cond = self.condition(tau, d, actions, has)
         kvs = []
         for i, block in enumerate(self.blocks):
@@ -296,7 +371,7 @@ class FlowDynamics(nn.Module):
         x = self.out(_modulate(self.norm_out(x), shift, scale))
         z_hat = unpatchify(x, cfg.patch, h, w)
         if cfg.residual:
-            z_hat = z_hat + residual_base(z_noisy, tau, prev).to(z_hat.dtype)
+            z_hat = z_hat + base.to(z_hat.dtype)
         return (z_hat, kvs) if return_kv else z_hat
 
     def _forward_with_context(self, z_noisy, tau, d, actions, has, ctx):
@@ -313,6 +388,10 @@ class FlowDynamics(nn.Module):
         x = self.inp(patchify(both, cfg.patch).to(self.inp.weight.dtype))
         pos = self.pos_time[:t]
         x = x + self.pos_space + torch.cat([pos, pos])[:, None, :]
+        if cfg.residual:  # a target's predecessor, as a context copy's, is the context copy before it
+            base = self.base(*predecessors(z_ctx, tau_ctx, None), actions, has)
+            if cfg.camera_warp:
+                x = x + self.inp_base(patchify(base, cfg.patch).to(self.inp.weight.dtype)).repeat(1, 2, 1, 1)
         cond = torch.cat([self.condition(tau_ctx, d_ctx, actions, has), self.condition(tau, d, actions, has)], dim=1)
         mask = context_copy_mask(t, x.device)
         for block in self.blocks:
@@ -321,7 +400,6 @@ class FlowDynamics(nn.Module):
         x = self.out(_modulate(self.norm_out(x[:, t:]), shift, scale))
         z_hat = unpatchify(x, cfg.patch, h, w)
         if cfg.residual:
-            base = torch.cat([torch.zeros_like(z_ctx[:, :1]), mmse(z_ctx[:, :-1], tau_ctx[:, :-1])], dim=1)
             z_hat = z_hat + base.to(z_hat.dtype)
         return z_hat
 
@@ -656,8 +734,9 @@ def rollout(model: FlowDynamics, context: torch.Tensor, actions: torch.Tensor, v
                 todo = ctx[:, kv_len:]
             if todo.shape[1]:
                 n0, nt = kv_len, todo.shape[1]
+                before = (ctx[:, n0 - 1:n0], _full(b, 1, tau_ctx, ctx)) if n0 else None
                 _, new = model(todo, _full(b, nt, tau_ctx, todo), _full(b, nt, d_min, todo),
-                               a_win[:, n0:n0 + nt], has_win[:, n0:n0 + nt], past=kv, return_kv=True)
+                               a_win[:, n0:n0 + nt], has_win[:, n0:n0 + nt], past=kv, return_kv=True, prev=before)
                 kv, kv_len = extend_cache(kv, new), kv_len + nt
             past = kv
         x = sample_next_frame(model, ctx, a_win, has_win, randn(), steps, tau_ctx, past=past)

@@ -163,6 +163,9 @@ class FlowParams(StrictModel):
     sample_steps: int = Field(4, gt=0, description="shortcut Euler steps per generated frame")
     residual: bool = Field(True, description="predict each frame as a correction of its predecessor's "
                            "denoised input (a network that outputs nothing copies the last frame)")
+    camera_warp: bool = Field(False, description="residual base (and an input) = the predecessor moved against the "
+                              "camera's motion under the frame's action (continuous: the action, a camera motion; "
+                              "discrete: its class's mean training motion)")
 
     @model_validator(mode="after")
     def _check(self) -> "FlowParams":
@@ -170,6 +173,8 @@ class FlowParams(StrictModel):
             raise ValueError(f"k_max ({self.k_max}) must be a power of 2")
         if self.sample_steps > self.k_max or self.sample_steps & (self.sample_steps - 1):
             raise ValueError(f"sample_steps ({self.sample_steps}) must be a power of 2 up to k_max ({self.k_max})")
+        if self.camera_warp and not self.residual:
+            raise ValueError("camera_warp moves the residual base: it needs residual: true")
         return self
 
 
@@ -212,9 +217,11 @@ class Config(StrictModel):
 # -- building ------------------------------------------------------------------------------------
 
 
-def model_config(cfg: Config, tok_meta: dict, n_classes: int = 5, action_scale: float = 1.0) -> dict:
+def model_config(cfg: Config, tok_meta: dict, n_classes: int = 5, action_scale: float = 1.0,
+                 class_motion: list[list[float]] | None = None) -> dict:
     """The dynamics model's config fields from the params and the tokenizer's metadata;
-    ``action_scale`` multiplies continuous actions (``continuous_action_scale``)."""
+    ``action_scale`` multiplies continuous actions (``continuous_action_scale``); ``class_motion``:
+    each discrete class's mean motion (``class_motions``), for the flow family's camera warp."""
     actions = {"action_kind": cfg.action_input, "action_dim": 2, "action_classes": n_classes,
                "action_scale": float(action_scale)}
     if cfg.family == "masked":
@@ -226,7 +233,8 @@ def model_config(cfg: Config, tok_meta: dict, n_classes: int = 5, action_scale: 
     p = cfg.flow
     return {"latent_shape": list(flow_grid(tok_meta["latent_shape"])), "patch": p.patch, "dim": p.dim,
             "heads": p.heads, "depth": p.depth, "mlp_ratio": p.mlp_ratio, "max_frames": cfg.max_frames,
-            "k_max": p.k_max, "residual": p.residual, **actions}
+            "k_max": p.k_max, "residual": p.residual, "camera_warp": p.camera_warp,
+            "class_motion": class_motion if p.camera_warp and cfg.action_input == "discrete" else None, **actions}
 
 
 def continuous_action_scale(act: EpisodeStore, is_train: np.ndarray) -> float:
@@ -237,6 +245,19 @@ def continuous_action_scale(act: EpisodeStore, is_train: np.ndarray) -> float:
     a = act.array(ACTIONS_KEY)[:][rows].astype(np.float64)
     rms = float(np.sqrt(np.mean(a**2))) if a.size else 0.0
     return 1.0 / rms if rms > 0 else 1.0
+
+
+def class_motions(act: EpisodeStore, is_train: np.ndarray, n_classes: int) -> list[list[float]]:
+    """Mean ``[dx, dy]`` of each ``action_class`` over the valid frames where ``is_train`` (per frame,
+    bool): what a discrete action means as motion, for the camera warp. [0, 0] for an unseen class."""
+    rows = is_train & act.array(VALID_KEY)[:].astype(bool)
+    a = act.array(ACTIONS_KEY)[:][rows].astype(np.float64)
+    k = act.array(ACTION_CLASS_KEY)[:][rows].astype(np.int64)
+    out = []
+    for c in range(n_classes):
+        sel = a[k == c]
+        out.append([round(float(v), 6) for v in sel.mean(0)] if len(sel) else [0.0, 0.0])
+    return out
 
 
 def build(cfg: Config, tok_meta: dict, where: str, model_cfg: dict) -> torch.nn.Module:
@@ -481,7 +502,9 @@ def run(cfg: Config, item_paths: dict[str, Path], out_dir: Path | str, work_dir:
                           f"needs at least 2 (raise max_sequences, or shorten context_frames + horizon)")
     is_train = lat.frames_of(train_ids)  # per frame
     scale = continuous_action_scale(act, is_train) if cfg.action_input == "continuous" else 1.0
-    model_cfg = model_config(cfg, tok_meta, action_scale=scale)
+    motions = (class_motions(act, is_train, 5) if cfg.family == "flow" and cfg.flow.camera_warp
+               and cfg.action_input == "discrete" else None)
+    model_cfg = model_config(cfg, tok_meta, action_scale=scale, class_motion=motions)
     train_cfg = cfg.train
     device = resolve_device(train_cfg.device)
     torch.manual_seed(train_cfg.seed)

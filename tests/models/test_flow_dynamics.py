@@ -362,13 +362,18 @@ def test_action_of_transition_t_changes_frame_t_plus_1_only_onwards(kind):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("residual", [False, True])
+BASES = {"plain": {}, "residual": {"residual": True}, "camera_warp": {"residual": True, "camera_warp": True}}
+
+
+@pytest.mark.parametrize("base", list(BASES))
 @pytest.mark.parametrize("max_frames,context,horizon", [(8, 3, 4), (4, 3, 4), (4, 5, 2)])
-def test_cached_rollout_equals_uncached(max_frames, context, horizon, residual):
+def test_cached_rollout_equals_uncached(max_frames, context, horizon, base):
     """The key/value cache (past frames computed once, one new frame per step) gives the same
     frames as recomputing the window at every step, also once the window slides (and with the
-    residual base, which the cached step takes from the last cached frame)."""
-    model = tiny_model(max_frames=max_frames, residual=residual)
+    residual base, which the cached step takes from the last cached frame; with the camera warp,
+    whose input enters the cached keys: frames appended to the cache take theirs from the frame
+    before them)."""
+    model = tiny_model(max_frames=max_frames, **BASES[base])
     ctx = latents(2, context, seed=5)
     actions = torch.randn(2, context + horizon, 2)
     lengths = []
@@ -470,17 +475,83 @@ def test_residual_model_starts_as_a_copy_of_the_denoised_previous_frame():
 
 
 # --------------------------------------------------------------------------------------------
+# camera warp: the residual base moved against the camera's motion
+# --------------------------------------------------------------------------------------------
+
+
+def test_warp_moves_content_by_the_shift():
+    """``warp`` moves content by (dx, dy) cells, +x right, +y down: integer shifts move cells
+    exactly (the border repeated where content enters), a half-cell shift averages neighbours,
+    and a zero shift returns the input."""
+    from models.flow_dynamics import warp
+
+    z = torch.randn(1, 2, 6, 6, 3, generator=torch.Generator().manual_seed(0))
+    shift = torch.tensor([[[2.0, -1.0], [0.0, 0.0]]])
+    out = warp(z, shift)
+    # frame 0: out[y, x] = z[y + 1, x - 2] (content 2 right, 1 up), inside the grid
+    torch.testing.assert_close(out[0, 0, :5, 2:], z[0, 0, 1:, :4])
+    torch.testing.assert_close(out[0, 0, :5, 0], z[0, 0, 1:, 0])  # entering on the left: the border column
+    torch.testing.assert_close(out[0, 1], z[0, 1])
+    half = warp(z[:, :1], torch.tensor([[[0.5, 0.0]]]))
+    torch.testing.assert_close(half[0, 0, :, 1:], 0.5 * (z[0, 0, :, 1:] + z[0, 0, :, :-1]))
+
+
+def test_camera_warp_model_starts_as_the_moved_previous_frame():
+    """With ``camera_warp`` a fresh model (output layer zero) predicts its base: the previous frame's
+    posterior mean moved AGAINST the camera's motion under the frame's action (discrete class k:
+    ``class_motion[k]`` half-images; 0.5 of a 4-cell grid is one cell), unmoved without an action.
+    A base moved with the camera, or by the action of the wrong frame, fails."""
+    torch.manual_seed(0)
+    motion = ((0.0, 0.0), (-0.5, 0.0), (0.5, 0.0), (0.0, -0.5), (0.0, 0.5))  # none, left, right, up, down
+    model = FlowDynamics(FlowConfig(latent_shape=(4, 4, 2), patch=2, dim=16, heads=2, depth=1, max_frames=8,
+                                    residual=True, camera_warp=True, action_kind="discrete", class_motion=motion))
+    z = latents(1, 5, seed=4, shape=(4, 4, 2))
+    tau = torch.ones(1, 5)  # clean: each base is the previous frame itself
+    d = torch.full((1, 5), 1 / 64)
+    per_transition = torch.tensor([[2, 1, 4, 3, 0]])  # right, left, down, up, (last: unused)
+    cond, has = frame_actions(per_transition)
+    with torch.no_grad():
+        out = model(z, tau, d, cond, has)
+    torch.testing.assert_close(out[0, 1, :, :3], z[0, 0, :, 1:])  # camera right: content one cell left
+    torch.testing.assert_close(out[0, 2, :, 1:], z[0, 1, :, :3])  # camera left: content right
+    torch.testing.assert_close(out[0, 3, :3], z[0, 2, 1:])        # camera down: content up
+    torch.testing.assert_close(out[0, 4, 1:], z[0, 3, :3])        # camera up: content down
+    _, no_action = frame_actions(per_transition, torch.tensor([[True, False, True, True, True]]))
+    with torch.no_grad():
+        still = model(z, tau, d, cond, no_action)
+    torch.testing.assert_close(still[0, 2], z[0, 1])  # frame 2 has no action: an unmoved copy
+    # continuous actions are the camera's motion itself
+    cont = FlowDynamics(FlowConfig(latent_shape=(4, 4, 2), patch=2, dim=16, heads=2, depth=1, max_frames=8,
+                                   residual=True, camera_warp=True, action_scale=7.0))
+    moves = torch.tensor([[[0.0, 0.0], [0.5, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])
+    cond, has = frame_actions(moves)
+    with torch.no_grad():
+        out = cont(z, tau, d, cond, has)
+    torch.testing.assert_close(out[0, 2, :, :3], z[0, 1, :, 1:])
+
+
+def test_camera_warp_config_errors():
+    with pytest.raises(ValueError, match="needs residual"):
+        FlowConfig(**{**TINY, "camera_warp": True})
+    with pytest.raises(ValueError, match="needs class_motion"):
+        FlowConfig(**{**TINY, "residual": True, "camera_warp": True, "action_kind": "discrete"})
+    with pytest.raises(ValueError, match="each of the 5 classes"):
+        FlowConfig(**{**TINY, "residual": True, "camera_warp": True, "action_kind": "discrete",
+                      "class_motion": [[0, 0], [1, 0]]})
+
+
+# --------------------------------------------------------------------------------------------
 # context copies: every frame a target beside a lightly corrupted copy of its past
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("residual", [False, True])
-def test_context_copies_give_each_frame_the_prediction_of_a_rollout_step(residual):
+@pytest.mark.parametrize("base", list(BASES))
+def test_context_copies_give_each_frame_the_prediction_of_a_rollout_step(base):
     """With context copies, target frame t is predicted exactly as a rollout predicts a new frame:
     from the context copies of frames < t and itself (the plain causal forward of
     ``ctx[:t] + [z~_t]``), whatever the other target frames hold. A mask that let targets see
     each other, or their own context copy, fails."""
-    model = tiny_model(3, residual=residual)
+    model = tiny_model(3, **BASES[base])
     b, t = 2, 5
     z_t, z_c = latents(b, t, seed=1), latents(b, t, seed=2)
     g = torch.Generator().manual_seed(0)

@@ -188,8 +188,10 @@ def trained(inputs, tmp_path_factory):
         if key not in done:
             # MNIST's masked model as in params.yaml: the motion-copy head and the expected decode;
             # gameplay's without the head, sampled by MaskGIT (the code's defaults)
-            mnist = {"masked": {"motion_radius": 2, "decode": "expected"}}
-            cfg = dynamics_config(family, action_input, **(mnist if dataset == "mnist" else {}))
+            # gameplay's flow model as in params.yaml: the camera warp
+            own = {("masked", "mnist"): {"masked": {"motion_radius": 2, "decode": "expected"}},
+                   ("flow", "gameplay"): {"flow": {"camera_warp": True}}}
+            cfg = dynamics_config(family, action_input, **own.get((family, dataset), {}))
             name = "-".join(key)
             metrics, rows = stage.run(cfg, inputs(dataset, kind), root / name, root / f"work-{name}",
                                       where=f"dynamics.{dataset}", tokenizer_key=f"tokenizer.{dataset}.kind",
@@ -251,6 +253,18 @@ def test_each_family_runs_on_each_dataset(family, dataset, kind, action_input, i
         expected_scale = 1.0 / float(np.sqrt(np.mean(act.array(ACTIONS_KEY)[:][ok].astype(np.float64) ** 2)))
         assert expected_scale > 1.5  # the moves are fractions of the half frame: the scale is not a no-op
     assert meta["config"]["action_scale"] == pytest.approx(expected_scale, rel=1e-9)
+    if family == "flow":
+        # the camera warp's class motions: each class's mean [dx, dy] over the training episodes' valid moves
+        assert meta["config"]["camera_warp"] == (dataset == "gameplay")
+        if dataset == "gameplay":
+            frame_ep = np.repeat(np.arange(act.n_episodes), act.episode_lengths())
+            ok = np.isin(frame_ep, train_ids) & act.array("valid")[:].astype(bool)
+            moves, classes = act.array(ACTIONS_KEY)[:][ok], act.array("action_class")[:][ok]
+            expected = [moves[classes == k].mean(0) for k in range(5)]
+            np.testing.assert_allclose(meta["config"]["class_motion"], expected, atol=1e-6)
+            assert expected[1][0] < 0 < expected[2][0] and expected[3][1] < 0 < expected[4][1]
+        else:
+            assert meta["config"]["class_motion"] is None
     if family == "masked":
         assert meta["config"]["motion_radius"] == (2 if dataset == "mnist" else 0)
         # both decodes are reported; mse is the one the model rolls out with
