@@ -322,6 +322,7 @@ class FlowDynamics(nn.Module):
         return_kv: bool = False,
         prev: tuple[torch.Tensor, torch.Tensor] | None = None,
         ctx: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        base: torch.Tensor | None = None,
     ):
         """Predict the clean latents (x-prediction).
 
@@ -336,6 +337,8 @@ class FlowDynamics(nn.Module):
         (0 for the first frame of a window), so a network that outputs nothing copies the last
         frame. ``prev``: (noisy latents (B, 1, H, W, C), signal level (B, 1)) of the frame before
         this call's first one (with a cache: the last cached frame), else that frame has no base.
+        ``base``: the frames' residual bases (B, T, H, W, C) (``FlowDynamics.base``) in place of
+        computing them from ``prev``: a rollout's Euler steps for one new frame share it.
 
         ``ctx``: (latents (B, T, H, W, C), signal levels (B, T), step sizes (B, T)), a second copy
         of the same T frames as context (context copies, for training): frame t of ``z_noisy`` then
@@ -359,7 +362,8 @@ class FlowDynamics(nn.Module):
         x = self.inp(patchify(z_noisy, cfg.patch).to(self.inp.weight.dtype))  # (B, T, N, D)
         x = x + self.pos_space + self.pos_time[t0:t0 + t, None, :]
         if cfg.residual:
-            base = self.base(*predecessors(z_noisy, tau, prev), actions, has)
+            if base is None:
+                base = self.base(*predecessors(z_noisy, tau, prev), actions, has)
             if cfg.camera_warp:
                 x = x + self.inp_base(patchify(base, cfg.patch).to(self.inp.weight.dtype))
         cond = self.condition(tau, d, actions, has)
@@ -663,10 +667,12 @@ def sample_next_frame(model: FlowDynamics, context: torch.Tensor, actions: torch
             raise ValueError(f"the cache holds {past[0][0].shape[-2]} frames, the context {n}")
         a_new, has_new = actions[:, n:], has[:, n:]
 
-        prev = (context[:, -1:], _full(b, 1, tau_ctx, context))
+        # the new frame's residual base: the last context frame's, the same at every step
+        base = (model.base(context[:, -1:], _full(b, 1, tau_ctx, context), a_new, has_new)
+                if model.cfg.residual else None)
 
         def denoise(x, tau, d):
-            return model(x, _full(b, 1, tau, x), _full(b, 1, d, x), a_new, has_new, past=past, prev=prev)
+            return model(x, _full(b, 1, tau, x), _full(b, 1, d, x), a_new, has_new, past=past, base=base)
     else:
         tau_c = _full(b, n, tau_ctx, context)
         d_c = _full(b, n, d_min, context)
