@@ -289,8 +289,7 @@ class TrainingSetup:
         is_train = lat.frames_of(train_ids)
         if cfg.family == "flow":
             self.norm = latent_norm(lat.array(LATENTS_KEY)[:][is_train])
-        scale = dyn.continuous_action_scale(act, is_train) if cfg.action_input == "continuous" else 1.0
-        self.model_cfg = dyn.model_config(cfg, self.tok_meta, action_scale=scale)  # as the stage builds it
+        self.model_cfg = dyn.model_config_from_data(cfg, self.tok_meta, act, is_train)  # as the stage builds it
         self.loss_fn = dyn.loss_function(cfg, self.mask_id, self.norm)
 
     def model(self, device: torch.device) -> torch.nn.Module:

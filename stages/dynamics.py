@@ -260,6 +260,15 @@ def class_motions(act: EpisodeStore, is_train: np.ndarray, n_classes: int) -> li
     return out
 
 
+def model_config_from_data(cfg: Config, tok_meta: dict, act: EpisodeStore, is_train: np.ndarray) -> dict:
+    """``model_config`` with what the training frames (``is_train``, per frame) give: the continuous
+    actions' scale and, for the camera warp with discrete actions, each class's motion."""
+    scale = continuous_action_scale(act, is_train) if cfg.action_input == "continuous" else 1.0
+    motions = (class_motions(act, is_train, 5) if cfg.family == "flow" and cfg.flow.camera_warp
+               and cfg.action_input == "discrete" else None)
+    return model_config(cfg, tok_meta, action_scale=scale, class_motion=motions)
+
+
 def build(cfg: Config, tok_meta: dict, where: str, model_cfg: dict) -> torch.nn.Module:
     """The model of ``model_cfg`` (``model_config``), or a ParamsError naming the block when its
     sizes do not fit the latents."""
@@ -501,10 +510,7 @@ def run(cfg: Config, item_paths: dict[str, Path], out_dir: Path | str, work_dir:
                           f"{cfg.eval.context_frames + cfg.eval.horizon} frames; the shuffled-actions control "
                           f"needs at least 2 (raise max_sequences, or shorten context_frames + horizon)")
     is_train = lat.frames_of(train_ids)  # per frame
-    scale = continuous_action_scale(act, is_train) if cfg.action_input == "continuous" else 1.0
-    motions = (class_motions(act, is_train, 5) if cfg.family == "flow" and cfg.flow.camera_warp
-               and cfg.action_input == "discrete" else None)
-    model_cfg = model_config(cfg, tok_meta, action_scale=scale, class_motion=motions)
+    model_cfg = model_config_from_data(cfg, tok_meta, act, is_train)
     train_cfg = cfg.train
     device = resolve_device(train_cfg.device)
     torch.manual_seed(train_cfg.seed)
