@@ -194,7 +194,6 @@ def predecessors(z_noisy: torch.Tensor, tau: torch.Tensor,
     return zs, ts
 
 
-
 def warp(z: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Latent frames ``z`` (B, T, H, W, C) with their content moved by ``shift`` (B, T, 2) grid cells
     (dx, dy; +x right, +y down): ``out(p) = z(p - shift)``, bilinear between cells, the border

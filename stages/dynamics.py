@@ -233,8 +233,8 @@ def model_config(cfg: Config, tok_meta: dict, n_classes: int = 5, action_scale: 
     p = cfg.flow
     return {"latent_shape": list(flow_grid(tok_meta["latent_shape"])), "patch": p.patch, "dim": p.dim,
             "heads": p.heads, "depth": p.depth, "mlp_ratio": p.mlp_ratio, "max_frames": cfg.max_frames,
-            "k_max": p.k_max, "residual": p.residual, "camera_warp": p.camera_warp,
-            "class_motion": class_motion if p.camera_warp and cfg.action_input == "discrete" else None, **actions}
+            "k_max": p.k_max, "residual": p.residual, "camera_warp": p.camera_warp, "class_motion": class_motion,
+            **actions}
 
 
 def continuous_action_scale(act: EpisodeStore, is_train: np.ndarray) -> float:
@@ -260,13 +260,14 @@ def class_motions(act: EpisodeStore, is_train: np.ndarray, n_classes: int) -> li
     return out
 
 
-def model_config_from_data(cfg: Config, tok_meta: dict, act: EpisodeStore, is_train: np.ndarray) -> dict:
+def model_config_from_data(cfg: Config, tok_meta: dict, act: EpisodeStore, is_train: np.ndarray,
+                           n_classes: int = 5) -> dict:
     """``model_config`` with what the training frames (``is_train``, per frame) give: the continuous
     actions' scale and, for the camera warp with discrete actions, each class's motion."""
     scale = continuous_action_scale(act, is_train) if cfg.action_input == "continuous" else 1.0
-    motions = (class_motions(act, is_train, 5) if cfg.family == "flow" and cfg.flow.camera_warp
+    motions = (class_motions(act, is_train, n_classes) if cfg.family == "flow" and cfg.flow.camera_warp
                and cfg.action_input == "discrete" else None)
-    return model_config(cfg, tok_meta, action_scale=scale, class_motion=motions)
+    return model_config(cfg, tok_meta, n_classes, action_scale=scale, class_motion=motions)
 
 
 def build(cfg: Config, tok_meta: dict, where: str, model_cfg: dict) -> torch.nn.Module:
