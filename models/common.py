@@ -3,7 +3,8 @@
 - ``frame_actions``: the one definition of how per-transition actions condition frames.
 - ``SelfAttention``: multi-head attention through ``F.scaled_dot_product_attention`` with QK-norm,
   on any leading batch shape, with an optional key/value prefix (a cache of earlier positions).
-- ``MLP``, ``sinusoidal_embedding``, ``patchify``/``unpatchify`` of latent grids.
+- ``MLP``, ``sinusoidal_embedding``, ``patchify``/``unpatchify`` of latent grids, ``warp`` (content
+  moved by a per-frame shift).
 """
 from __future__ import annotations
 
@@ -49,6 +50,23 @@ def frame_actions(actions: torch.Tensor, valid: torch.Tensor | None = None) -> t
     has = torch.zeros(actions.shape[:2], dtype=torch.bool, device=actions.device)
     has[:, 1:] = True if valid is None else valid[:, :-1].bool()
     return cond, has
+
+
+def warp(z: torch.Tensor, shift: torch.Tensor, padding: str = "border") -> torch.Tensor:
+    """Frames ``z`` (B, T, H, W, C) with their content moved by ``shift`` (B, T, 2) grid cells
+    (dx, dy; +x right, +y down): ``out(p) = z(p - shift)``, bilinear between cells. Where content
+    enters, ``padding`` "border" repeats the border, "zeros" gives 0. Integer shifts move cells
+    exactly; a zero shift returns ``z``."""
+    b, t, h, w, c = z.shape
+    x = z.reshape(b * t, h, w, c).permute(0, 3, 1, 2).float()
+    s = shift.reshape(b * t, 2).float()
+    ys = torch.arange(h, device=z.device, dtype=torch.float32)
+    xs = torch.arange(w, device=z.device, dtype=torch.float32)
+    gx = (xs[None, None, :] - s[:, 0, None, None] + 0.5) * (2.0 / w) - 1  # align_corners=False centres
+    gy = (ys[None, :, None] - s[:, 1, None, None] + 0.5) * (2.0 / h) - 1
+    grid = torch.stack(torch.broadcast_tensors(gx, gy), dim=-1)  # (BT, H, W, 2) as (x, y)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+    return out.permute(0, 2, 3, 1).reshape(b, t, h, w, c).to(z.dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import MLP, SelfAttention, context_copy_mask, frame_actions, patchify, sinusoidal_embedding, unpatchify
+from models.common import (MLP, SelfAttention, context_copy_mask, frame_actions, patchify, sinusoidal_embedding,
+                           unpatchify, warp)
 
 KV = tuple[torch.Tensor, torch.Tensor]  # one layer's temporal keys and values, each (B*N, heads, T, D/heads)
 
@@ -192,22 +193,6 @@ def predecessors(z_noisy: torch.Tensor, tau: torch.Tensor,
     zs = torch.cat([first.to(z_noisy.dtype), z_noisy[:, :-1]], dim=1)
     ts = torch.cat([first_tau.to(tau.dtype), tau[:, :-1]], dim=1)
     return zs, ts
-
-
-def warp(z: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Latent frames ``z`` (B, T, H, W, C) with their content moved by ``shift`` (B, T, 2) grid cells
-    (dx, dy; +x right, +y down): ``out(p) = z(p - shift)``, bilinear between cells, the border
-    repeated where content enters. Integer shifts move cells exactly; a zero shift returns ``z``."""
-    b, t, h, w, c = z.shape
-    x = z.reshape(b * t, h, w, c).permute(0, 3, 1, 2).float()
-    s = shift.reshape(b * t, 2).float()
-    ys = torch.arange(h, device=z.device, dtype=torch.float32)
-    xs = torch.arange(w, device=z.device, dtype=torch.float32)
-    gx = (xs[None, None, :] - s[:, 0, None, None] + 0.5) * (2.0 / w) - 1  # align_corners=False centres
-    gy = (ys[None, :, None] - s[:, 1, None, None] + 0.5) * (2.0 / h) - 1
-    grid = torch.stack(torch.broadcast_tensors(gx, gy), dim=-1)  # (BT, H, W, 2) as (x, y)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.permute(0, 2, 3, 1).reshape(b, t, h, w, c).to(z.dtype)
 
 
 class FlowDynamics(nn.Module):

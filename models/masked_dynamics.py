@@ -26,6 +26,15 @@ the previous frame's tokens is then one learned displacement instead of a patch 
 dim-wide vector; frames that may not see their predecessor (frame 0, the identity mask) get the
 head alone.
 
+Ego copy (``ego_copy``; continuous [dx, dy] actions, the ego's own motion): each frame may also
+copy an anchor frame's tokens moved by the sum of the actions since it (``ego_source``, ``warp``:
+bilinear between cells), through a per-token gate e from its patch token:
+e * (ego + unknown * p) + (1 - e) * p, p the distribution above; the copy is also read as an input
+(its expected token embedding, through a zero-initialised linear map). A rollout's new frames take
+the last context frame as their anchor: the ego's content is moved once from a clean frame instead
+of being re-drawn from each predicted frame, so its error does not compound over the horizon.
+Training reads windows as rollouts from a random context length (``rollout_anchors``).
+
 Training (CoPilot4D, Zhang et al. 2024, with MaskGIT masking, Chang et al. 2022): one objective per
 sequence, drawn with ``MaskedLossConfig`` weights, so a batch mixes them and the temporal mask is
 per sequence:
@@ -48,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import MLP, SelfAttention, context_copy_mask, frame_actions, patchify, unpatchify
+from models.common import MLP, SelfAttention, context_copy_mask, frame_actions, patchify, unpatchify, warp
 
 TEMPORAL_KINDS = ("causal", "bidirectional", "identity")
 OBJECTIVES = ("future", "joint", "individual")
@@ -96,6 +105,53 @@ def motion_copy(prev: torch.Tensor, kernel: torch.Tensor, radius: int, mask_id: 
     return kernel.new_zeros(b, h, w, mask_id + 1).scatter_add_(-1, src, kernel)
 
 
+@dataclass
+class EgoSource:
+    """Where each of T frames takes its ego copy from: ``ids`` (B, T, H, W) the tokens of its anchor
+    frame (MASK where unknown), ``shift`` (B, T, 2) the ego's motion since the anchor in grid cells
+    (dx, dy; +x right, +y down), ``ok`` (B, T) bool where the copy applies."""
+
+    ids: torch.Tensor
+    shift: torch.Tensor
+    ok: torch.Tensor
+
+    def select(self, frames: slice) -> "EgoSource":
+        return EgoSource(self.ids[:, frames], self.shift[:, frames], self.ok[:, frames])
+
+
+def ego_source(frames: torch.Tensor, cond: torch.Tensor, has: torch.Tensor, anchor: torch.Tensor,
+               grid: int) -> EgoSource:
+    """Ego-copy sources of T frames from their anchors.
+
+    ``frames`` (B, T, H, W) ids; ``cond``/``has`` their frame-aligned actions (``frame_actions``:
+    ``cond[:, t]`` is the move from frame t-1 to t, [dx, dy] in half-image units, as the actions
+    stage normalises them); ``anchor`` (B, T) long, the index of each frame's anchor frame, before
+    it (-1: none). Frame t's shift is the sum of ``cond`` over frames anchor+1..t (every move since
+    the anchor), in cells of a ``grid``-wide frame (times grid / 2); ``ok`` where there is an anchor
+    and every one of those moves is valid."""
+    b, t = has.shape
+    if frames.shape[:2] != (b, t) or cond.shape != (b, t, 2) or anchor.shape != (b, t):
+        raise ValueError(f"frames {tuple(frames.shape)}, cond {tuple(cond.shape)} and anchor {tuple(anchor.shape)} "
+                         f"must cover the (B, T) = {(b, t)} frames of has, with [dx, dy] actions")
+    idx = torch.arange(t, device=has.device)
+    anchor = anchor.long().to(has.device)
+    if bool((anchor >= idx).any()) or bool((anchor < -1).any()):
+        raise ValueError("each frame's anchor must be an earlier frame (or -1 for none)")
+    hasf = has.float()
+    moved = torch.cumsum(cond.float() * hasf[..., None], 1)  # moved[t]: the moves of frames 1..t
+    count = torch.cumsum(hasf, 1)
+    a = anchor.clamp_min(0)
+    shift = (moved - moved.gather(1, a[..., None].expand(b, t, 2))) * (grid / 2)
+    ok = (anchor >= 0) & (count - count.gather(1, a) == (idx - a).float())
+    ids = frames.long().gather(1, a[:, :, None, None].expand(b, t, *frames.shape[2:]))
+    return EgoSource(ids, torch.where(ok[..., None], shift, 0.0), ok)
+
+
+def previous_anchors(b: int, t: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(B, T) anchors of frames copying their predecessor: t - 1 (frame 0: -1, none)."""
+    return (torch.arange(t, device=device) - 1).expand(b, t)
+
+
 # --------------------------------------------------------------------------------------------
 # model
 # --------------------------------------------------------------------------------------------
@@ -119,6 +175,9 @@ class MaskedConfig:
     action_classes: int = 5
     action_scale: float = 1.0  # continuous actions are multiplied by this (1 / their RMS: unit-scale inputs)
     motion_radius: int = 0  # r > 0: the motion-copy head (displacements up to r tokens); 0: off
+    # the ego copy: each frame may copy an anchor frame's tokens moved by the actions since it
+    # (continuous [dx, dy] actions in half-image units, as the actions stage writes them)
+    ego_copy: bool = False
 
     def __post_init__(self):
         for name in ("grid", "levels", "patch", "token_dim", "dim", "heads", "depth", "mlp_ratio", "max_frames"):
@@ -132,6 +191,9 @@ class MaskedConfig:
             raise ValueError(f"motion_radius must be >= 0, got {self.motion_radius}")
         if self.grid % self.patch:
             raise ValueError(f"patch {self.patch} must divide grid {self.grid}")
+        if self.ego_copy and (self.action_kind != "continuous" or self.action_dim != 2):
+            raise ValueError("ego_copy moves tokens by continuous [dx, dy] actions: it needs action_kind "
+                             f"'continuous' with action_dim 2, got {self.action_kind!r} with action_dim {self.action_dim}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} must be a multiple of heads {self.heads}")
         if self.action_kind not in ACTION_KINDS:
@@ -222,6 +284,14 @@ class MaskedDynamics(nn.Module):
             with torch.no_grad():  # start as a slightly blurred copy of the previous frame, mostly trusted
                 self.motion.weight.mul_(0.1)
                 self.motion.bias.view(p2, 4).copy_(torch.tensor([0.0, 0.0, MOTION_INIT_LOG_WIDTH, MOTION_INIT_GATE]))
+        if cfg.ego_copy:  # the ego copy as an input (zero at the start) and its per-token gate
+            self.ego_in = nn.Linear(p2 * cfg.token_dim, cfg.dim)
+            self.ego_gate = nn.Linear(cfg.dim, p2)
+            with torch.no_grad():
+                self.ego_in.weight.zero_()
+                self.ego_in.bias.zero_()
+                self.ego_gate.weight.mul_(0.1)
+                self.ego_gate.bias.zero_()
 
     # ---- inputs -----------------------------------------------------------------------------
 
@@ -257,10 +327,20 @@ class MaskedDynamics(nn.Module):
             a = self.action(a_ids)
         return torch.where(has[..., None], a, self.no_action.to(a.dtype))
 
+    def ego_copy(self, ego: EgoSource) -> torch.Tensor:
+        """(B, T, H, W, levels + 1) class probabilities of each frame's ego copy: its anchor's tokens
+        moved by its shift (``warp``, bilinear between cells). The last class holds the weight of
+        MASK and of what entered from outside the frame: all of it where ``ok`` is False."""
+        levels = self.cfg.levels
+        onehot = F.one_hot(ego.ids.long(), levels + 1).float()
+        known = warp(onehot, ego.shift, padding="zeros")[..., :levels] * ego.ok[..., None, None, None]
+        return torch.cat([known, (1 - known.sum(-1, keepdim=True)).clamp_min(0)], -1)
+
     def embed(self, ids: torch.Tensor, actions: torch.Tensor, has: torch.Tensor,
-              t0: int | torch.Tensor = 0) -> torch.Tensor:
+              t0: int | torch.Tensor = 0, ego: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Patch tokens (B, T, N, dim) of frames t0..t0+T-1; ``t0`` an int or one offset per
-        sequence, (B,) long (``time_offsets``)."""
+        sequence, (B,) long (``time_offsets``); ``ego``: the frames' ``ego_copy`` probabilities and
+        where it applies, (B, T) bool, read as an input (its expected token embedding) there."""
         ids = self._check_ids(ids)
         b, t = ids.shape[:2]
         if has.shape != (b, t):
@@ -275,22 +355,31 @@ class MaskedDynamics(nn.Module):
                              f"{self.cfg.max_frames}")
         pos = self.pos_time[offsets[:, None] + torch.arange(t, device=x.device)]  # (B, T, dim)
         x = x + self.pos_space + pos[:, :, None]
+        if ego is not None:
+            ego_p, ego_ok = ego
+            emb = patchify((ego_p @ self.token.weight.float()).to(x.dtype), self.cfg.patch)
+            x = x + self.ego_in(emb) * ego_ok[:, :, None, None].to(x.dtype)
         return x + self.action_embedding(actions, has.bool())[:, :, None]
 
     def _logits(self, x: torch.Tensor, prev: torch.Tensor | None = None,
-                has_prev: torch.Tensor | None = None) -> torch.Tensor:
+                has_prev: torch.Tensor | None = None, ego_p: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, H, W, levels) logits of patch tokens ``x`` (B, T, N, dim).
 
         With the motion-copy head (``motion_radius`` > 0): ``prev`` (B, T, H, W) the ids of each
         frame's previous frame, ``has_prev`` (B, T) bool where the frame may see it. The result is
         then, per token, the log of the mixture g * copy + (1 - g) * softmax(head): g the token's
         gate (0 without a previous frame), copy the ``motion_copy`` of the previous frame under the
-        token's Gaussian kernel (its MASK/outside weight goes to softmax(head)); log-probabilities."""
+        token's Gaussian kernel (its MASK/outside weight goes to softmax(head)); log-probabilities.
+
+        With ``ego_p`` (the frames' ``ego_copy``), that distribution p becomes
+        e * (ego + unknown * p) + (1 - e) * p, e the token's ego gate: log-probabilities."""
         c, g = self.cfg, self.cfg.grid
         h = self.norm(x)
         logits = unpatchify(self.head(h), c.patch, g, g)  # (B, T, H, W, levels)
         if not c.motion_radius:
-            return logits
+            if ego_p is None:
+                return logits
+            return self._ego_mix(h, logits.float().softmax(-1), ego_p)
         r = c.motion_radius
         m = unpatchify(self.motion(h).float(), c.patch, g, g)  # (B, T, H, W, 4)
         b, t = m.shape[:2]
@@ -306,6 +395,16 @@ class MaskedDynamics(nn.Module):
         copy = copy.view(b, t, g, g, c.levels + 1)
         head_p = logits.float().softmax(-1)
         p = gate_px * (copy[..., :-1] + copy[..., -1:] * head_p) + (1 - gate_px) * head_p
+        if ego_p is not None:
+            return self._ego_mix(h, p, ego_p)
+        return torch.log(p.clamp_min(1e-12))
+
+    def _ego_mix(self, h: torch.Tensor, p: torch.Tensor, ego_p: torch.Tensor) -> torch.Tensor:
+        """Log of e * (ego + unknown * p) + (1 - e) * p: ``p`` (B, T, H, W, levels) the token
+        distributions, ``ego_p`` their ``ego_copy``, e each token's gate from patch tokens ``h``."""
+        c, g = self.cfg, self.cfg.grid
+        e = torch.sigmoid(unpatchify(self.ego_gate(h).float(), c.patch, g, g))  # (B, T, H, W, 1)
+        p = e * (ego_p[..., :-1] + ego_p[..., -1:] * p) + (1 - e) * p
         return torch.log(p.clamp_min(1e-12))
 
     def _prev(self, ids: torch.Tensor, first: torch.Tensor | None) -> torch.Tensor:
@@ -330,40 +429,62 @@ class MaskedDynamics(nn.Module):
 
     def forward(
         self, ids: torch.Tensor, actions: torch.Tensor, has: torch.Tensor, temporal: str | torch.Tensor = "causal",
-        t0: int | torch.Tensor = 0,
+        t0: int | torch.Tensor = 0, anchor: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, H, W, levels) over the token classes (MASK excluded) at every position.
 
         ``ids`` (B, T, H, W) in 0..levels (MASK = levels); ``actions``/``has`` frame-aligned (see
         ``frame_actions``); ``temporal`` a name, (T, T) or per-sequence (B, T, T) bool mask;
-        ``t0`` the first frame's temporal position (per sequence: (B,) long)."""
-        x = self.embed(ids, actions, has, t0)
-        b, t = x.shape[:2]
-        mask = self._temporal(temporal, b, t, x.device)
+        ``t0`` the first frame's temporal position (per sequence: (B,) long). With ``ego_copy``:
+        ``anchor`` (B, T) each frame's anchor frame (``ego_source``; default its predecessor); a
+        frame copies its anchor only where the temporal mask lets it see the anchor."""
+        ids = self._check_ids(ids)
+        b, t = ids.shape[:2]
+        mask = self._temporal(temporal, b, t, ids.device)
+        ego_p = ego_in = None
+        if self.cfg.ego_copy:
+            anchor = previous_anchors(b, t, ids.device) if anchor is None else anchor.long().to(ids.device)
+            src = ego_source(ids, actions, has, anchor, self.cfg.grid)
+            a = anchor.clamp_min(0)
+            sees = mask.expand(b, t, t).gather(2, a[..., None])[..., 0]  # frame t may attend its anchor
+            src.ok = src.ok & sees
+            ego_p = self.ego_copy(src)
+            ego_in = (ego_p, src.ok)
+        x = self.embed(ids, actions, has, t0, ego_in)
         for blk in self.blocks:
             x, _ = blk(x, mask=mask)
         if not self.cfg.motion_radius:
-            return self._logits(x)
+            return self._logits(x, ego_p=ego_p)
         sees_prev = mask.diagonal(offset=-1, dim1=-2, dim2=-1).expand(b, t - 1)  # frame t+1 may attend frame t
         has_prev = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=x.device), sees_prev], 1)
-        return self._logits(x, self._prev(ids, None), has_prev)
+        return self._logits(x, self._prev(ids, None), has_prev, ego_p)
 
     def forward_with_context(self, ids: torch.Tensor, ctx_ids: torch.Tensor, actions: torch.Tensor,
-                             has: torch.Tensor, t0: int | torch.Tensor = 0) -> torch.Tensor:
+                             has: torch.Tensor, t0: int | torch.Tensor = 0,
+                             anchor: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, H, W, levels) of frames ``ids`` (B, T, H, W), frame t seeing the context
         copies ``ctx_ids[:, :t]`` (the same frames, clean) and itself, not the other frames of
-        ``ids``: each frame is predicted as the new frame of a rollout is, in one pass of 2T frames."""
+        ``ids``: each frame is predicted as the new frame of a rollout is, in one pass of 2T frames.
+        With ``ego_copy``, frame t copies the context copy ``anchor[:, t]`` (default t - 1; a
+        rollout's frames copy its last context frame), and the copies their predecessors."""
         if ctx_ids.shape != ids.shape:
             raise ValueError(f"context copies {tuple(ctx_ids.shape)} must match the frames {tuple(ids.shape)}")
-        t = ids.shape[1]
-        x = torch.cat([self.embed(ctx_ids, actions, has, t0), self.embed(ids, actions, has, t0)], dim=1)
+        b, t = ids.shape[:2]
+        ego_ctx = ego_in = ego_p = None
+        if self.cfg.ego_copy:
+            prev = previous_anchors(b, t, ids.device)
+            ctx_src = ego_source(ctx_ids, actions, has, prev, self.cfg.grid)
+            src = ego_source(ctx_ids, actions, has, prev if anchor is None else anchor, self.cfg.grid)
+            ego_ctx, ego_p = (self.ego_copy(ctx_src), ctx_src.ok), self.ego_copy(src)
+            ego_in = (ego_p, src.ok)
+        x = torch.cat([self.embed(ctx_ids, actions, has, t0, ego_ctx), self.embed(ids, actions, has, t0, ego_in)], dim=1)
         mask = context_copy_mask(t, x.device)
         for blk in self.blocks:
             x, _ = blk(x, mask=mask)
         if not self.cfg.motion_radius:
-            return self._logits(x[:, t:])
+            return self._logits(x[:, t:], ego_p=ego_p)
         has_prev = (torch.arange(t, device=x.device) > 0).expand(x.shape[0], t)
-        return self._logits(x[:, t:], self._prev(ctx_ids, None), has_prev)
+        return self._logits(x[:, t:], self._prev(ctx_ids, None), has_prev, ego_p)
 
     def forward_cached(
         self,
@@ -372,15 +493,31 @@ class MaskedDynamics(nn.Module):
         has: torch.Tensor,
         cache: KVCache | None = None,
         extend: bool = True,
+        ego: EgoSource | None = None,
     ) -> tuple[torch.Tensor, KVCache | None]:
         """Causal forward of frames appended after the frames held in ``cache`` (none if None).
 
         Returns ``(logits (B, T, H, W, levels) of these frames, cache)``: with ``extend`` the cache
         of all frames so far, else the given cache unchanged (an unmasking step of a frame that is
-        not final yet). Equals ``forward(all frames, temporal="causal")`` on these frames."""
+        not final yet). Equals ``forward(all frames, temporal="causal")`` on these frames. With
+        ``ego_copy``: ``ego`` these frames' sources (``ego_source``); default their predecessors."""
         t0 = 0 if cache is None else cache.frames
         first = None if cache is None else cache.last
-        x = self.embed(ids, actions, has, t0)
+        ego_p = ego_in = None
+        if self.cfg.ego_copy:
+            if ego is None:
+                b, t = ids.shape[:2]
+                head = torch.full_like(ids[:, :1], self.cfg.mask_id) if first is None else first[:, None]
+                frames = torch.cat([head.long(), ids.long()], 1)
+                anchor = previous_anchors(b, t + 1, ids.device).clone()
+                if first is None:
+                    anchor[:, 1] = -1
+                ego = ego_source(frames, torch.cat([torch.zeros_like(actions[:, :1]), actions], 1),
+                                 torch.cat([torch.zeros_like(has[:, :1]), has], 1), anchor,
+                                 self.cfg.grid).select(slice(1, None))
+            ego_p = self.ego_copy(ego)
+            ego_in = (ego_p, ego.ok)
+        x = self.embed(ids, actions, has, t0, ego_in)
         kvs = []
         for i, blk in enumerate(self.blocks):
             past = None if cache is None else cache.kv[i]
@@ -390,9 +527,9 @@ class MaskedDynamics(nn.Module):
         if self.cfg.motion_radius:
             b, t = ids.shape[:2]
             has_prev = (torch.arange(t, device=x.device) > (0 if first is None else -1)).expand(b, t)
-            logits = self._logits(x, self._prev(ids, first), has_prev)
+            logits = self._logits(x, self._prev(ids, first), has_prev, ego_p)
         else:
-            logits = self._logits(x)
+            logits = self._logits(x, ego_p=ego_p)
         return logits, (KVCache(kvs, t0 + x.shape[1], ids[:, -1].long()) if extend else cache)
 
 
@@ -509,18 +646,32 @@ def time_offsets(batch: int, frames: int, max_frames: int, generator: torch.Gene
     return (_rand((batch,), generator, torch.float64).cpu() * (max_frames - frames + 1)).long()
 
 
+def rollout_anchors(batch: int, frames: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(batch, frames) long ego-copy anchors of training windows read as rollouts: per sequence a
+    context of c ~ U{1..frames-1} frames; frame t copies its predecessor within the context
+    (t < c) and the last context frame after it, min(t - 1, c - 1); frame 0 none (-1)."""
+    if frames < 2:
+        raise ValueError(f"rollout anchors need >= 2 frames, got {frames}")
+    c = 1 + (_rand((batch,), generator, torch.float64).cpu() * (frames - 1)).long()
+    return torch.minimum(torch.arange(frames) - 1, c[:, None] - 1)
+
+
 def objective_logits(model: "MaskedDynamics", input_ids: torch.Tensor, ids: torch.Tensor, actions: torch.Tensor,
                      has: torch.Tensor, temporal: torch.Tensor, objectives: Sequence[str],
-                     cfg: MaskedLossConfig, t0: torch.Tensor | None = None) -> torch.Tensor:
+                     cfg: MaskedLossConfig, t0: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
     """Logits of a ``masked_objective_batch``: ``model(input_ids, ...)`` under each sequence's
     temporal mask; with ``cfg.future_copies`` the future rows instead through
     ``forward_with_context`` beside their clean ``ids``. ``t0``: per-sequence temporal offsets
-    ((B,) long, ``time_offsets``) or None (every sequence from position 0)."""
+    ((B,) long, ``time_offsets``) or None (every sequence from position 0). With the model's
+    ``ego_copy`` those future rows copy anchors as a rollout's frames do (``rollout_anchors``)."""
     t0 = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device) if t0 is None else t0.to(ids.device)
     fut = torch.tensor([o == "future" for o in objectives], dtype=torch.bool, device=ids.device)
     if not cfg.future_copies or not bool(fut.any()):
         return model(input_ids, actions, has, temporal, t0)
-    f = model.forward_with_context(input_ids[fut], ids[fut], actions[fut], has[fut], t0[fut])
+    anchor = (rollout_anchors(int(fut.sum()), ids.shape[1], generator).to(ids.device)
+              if model.cfg.ego_copy else None)
+    f = model.forward_with_context(input_ids[fut], ids[fut], actions[fut], has[fut], t0[fut], anchor)
     if bool(fut.all()):
         return f
     rest = model(input_ids[~fut], actions[~fut], has[~fut], temporal[~fut], t0[~fut])
@@ -657,6 +808,7 @@ def sample_next_frame(
     cache: KVCache | None = None,
     choice_noise: float = 0.0,
     decode: str = "maskgit",
+    anchor: int | None = None,
 ) -> torch.Tensor:
     """Sample frame t given the clean frames ``past_ids`` (B, t, H, W) under the causal mask.
 
@@ -664,7 +816,8 @@ def sample_next_frame(
     (holding exactly frames 0..t-1, from ``forward_cached``) each unmasking step runs only the new
     frame; without, each step runs all t+1 frames. ``decode``: "maskgit" (iterative unmasking,
     ``steps`` and ``temperature``) or "expected" (``expected_levels``: one pass, no randomness).
-    Returns (B, H, W) long ids in 0..levels-1.
+    ``anchor``: with ``ego_copy``, the past frame (index) that frame t copies, moved by the actions
+    since (default t - 1). Returns (B, H, W) long ids in 0..levels-1.
     """
     if decode not in DECODES:
         raise ValueError(f"unknown decode {decode!r}; expected one of {DECODES}")
@@ -676,13 +829,23 @@ def sample_next_frame(
         raise ValueError(f"frame-aligned actions must cover frames 0..{t}, got {has.shape[1]} frames")
     past = past_ids.long()
     cond_t, has_t = cond[:, t : t + 1], has[:, t : t + 1]
+    anchors = ego = None
+    if c.ego_copy:
+        a = t - 1 if anchor is None else anchor
+        if not 0 <= a < t:
+            raise ValueError(f"anchor {a} must index one of the {t} past frames")
+        anchors = previous_anchors(b, t + 1, past.device).clone()
+        anchors[:, t] = a
+        padded = torch.cat([past, past[:, -1:]], 1)  # frame t's own tokens are never read
+        ego = ego_source(padded, cond[:, : t + 1], has[:, : t + 1], anchors, c.grid).select(slice(t, t + 1))
 
     def logits_fn(flat: torch.Tensor) -> torch.Tensor:
         frame = flat.view(b, 1, c.grid, c.grid)
         if cache is not None:
-            logits, _ = model.forward_cached(frame, cond_t, has_t, cache, extend=False)
+            logits, _ = model.forward_cached(frame, cond_t, has_t, cache, extend=False, ego=ego)
         else:
-            logits = model(torch.cat([past, frame], 1), cond[:, : t + 1], has[:, : t + 1], "causal")[:, -1:]
+            logits = model(torch.cat([past, frame], 1), cond[:, : t + 1], has[:, : t + 1], "causal",
+                           anchor=anchors)[:, -1:]
         return logits.reshape(b, c.grid * c.grid, c.levels)
 
     if decode == "expected":
@@ -709,7 +872,8 @@ def rollout(
     decode: str = "maskgit",
 ) -> torch.Tensor:
     """Predict ``horizon`` frames after ``context_ids`` (B, C, H, W), one frame at a time, each
-    decoded by ``decode`` (see ``sample_next_frame``) and fed back as the next frame's past.
+    decoded by ``decode`` (see ``sample_next_frame``) and fed back as the next frame's past. With
+    ``ego_copy`` every new frame copies the last context frame, moved by the actions since.
 
     ``actions``: per transition, (B, >= C+horizon-1, ...) (``actions[:, t]`` moves frame t to t+1);
     ``valid``: (B, same) bool or None. With ``cache`` the context and each finished frame run once
@@ -736,7 +900,8 @@ def rollout(
     out = []
     for i in range(horizon):
         t = c_len + i
-        nxt = sample_next_frame(model, frames, cond, has, steps, temperature, generator, kv, choice_noise, decode)
+        nxt = sample_next_frame(model, frames, cond, has, steps, temperature, generator, kv, choice_noise, decode,
+                                anchor=c_len - 1)
         frames = torch.cat([frames, nxt[:, None]], 1)
         if cache and i < horizon - 1:
             kv = model.forward_cached(nxt[:, None], cond[:, t : t + 1], has[:, t : t + 1], kv)[1]

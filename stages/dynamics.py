@@ -137,6 +137,8 @@ class MaskedParams(StrictModel):
     mlp_ratio: int = Field(4, gt=0)
     motion_radius: int = Field(0, ge=0, description="motion-copy head: each token mixes the head with the previous "
                                "frame's tokens moved by up to this many tokens (a learned kernel); 0: off")
+    ego_copy: bool = Field(False, description="each token may copy the last context frame moved by the actions "
+                           "since it (the ego's own motion; continuous [dx, dy] actions): a gated copy, also an input")
     objectives: ObjectiveParams = ObjectiveParams()
     sample_steps: int = Field(20, gt=0, description="iterative unmasking steps per frame (cosine schedule)")
     temperature: float = Field(1.0, ge=0, description="sampling temperature (0: argmax)")
@@ -206,6 +208,9 @@ class Config(StrictModel):
     def _check(self) -> "Config":
         if self.family == "flow" and self.flow.long_every and self.flow.long_window <= self.window:
             raise ValueError(f"flow.long_window ({self.flow.long_window}) must exceed window ({self.window})")
+        if self.family == "masked" and self.masked.ego_copy and self.action_input != "continuous":
+            raise ValueError(f"masked.ego_copy moves tokens by continuous [dx, dy] actions, but action_input is "
+                             f"{self.action_input!r}; set action_input: continuous or masked.ego_copy: false")
         return self
 
     @property
@@ -229,7 +234,7 @@ def model_config(cfg: Config, tok_meta: dict, n_classes: int = 5, action_scale: 
         size, levels = tok_meta["config"]["size"], tok_meta["config"]["levels"]
         return {"grid": size, "levels": levels, "patch": p.patch, "token_dim": p.token_dim, "dim": p.dim,
                 "heads": p.heads, "depth": p.depth, "mlp_ratio": p.mlp_ratio, "max_frames": cfg.max_frames,
-                "motion_radius": p.motion_radius, **actions}
+                "motion_radius": p.motion_radius, "ego_copy": p.ego_copy, **actions}
     p = cfg.flow
     return {"latent_shape": list(flow_grid(tok_meta["latent_shape"])), "patch": p.patch, "dim": p.dim,
             "heads": p.heads, "depth": p.depth, "mlp_ratio": p.mlp_ratio, "max_frames": cfg.max_frames,

@@ -16,6 +16,7 @@ from models.masked_dynamics import (
     MaskedConfig,
     MaskedDynamics,
     MaskedLossConfig,
+    ego_source,
     expected_levels,
     masked_after_step,
     masked_loss,
@@ -29,6 +30,8 @@ from models.masked_dynamics import (
 )
 
 SMALL = {"grid": 8, "patch": 2, "token_dim": 8, "dim": 32, "heads": 2, "depth": 2, "max_frames": 8}
+# the copy heads: none, the motion-copy head, and the ego copy beside it
+COPIES = {"plain": {}, "motion": {"motion_radius": 2}, "ego": {"motion_radius": 2, "ego_copy": True}}
 MASK = 16
 
 
@@ -122,14 +125,14 @@ def test_forward_shape_excludes_mask_class_and_rejects_bad_ids():
 # ---- temporal masks ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("motion", [0, 2])
+@pytest.mark.parametrize("copies", COPIES)
 @pytest.mark.parametrize("kind", TEMPORAL_KINDS)
-def test_temporal_mask_names_what_frames_see(kind, motion):
+def test_temporal_mask_names_what_frames_see(kind, copies):
     """Guards a leaking or missing temporal mask: with "causal" a later frame never changes an
     earlier frame's logits (and earlier frames do change later ones); with "bidirectional" every
     frame changes every other; with "identity" no frame sees any other frame (with the
     motion-copy head too: it reads the previous frame only where the mask lets a frame see it)."""
-    model = small_model(motion_radius=motion)
+    model = small_model(**COPIES[copies])
     ids = tokens(2, 4)
     cond, has = frame_actions(moves(2, 4))
     dep = dependence(model, ids, cond, has, kind)
@@ -138,11 +141,11 @@ def test_temporal_mask_names_what_frames_see(kind, motion):
     assert torch.equal(dep, expected), f"{kind}: frame i depends on frame j\n{dep[0].int()}"
 
 
-@pytest.mark.parametrize("motion", [0, 2])
-def test_per_sequence_mask_equals_separate_forwards(motion):
+@pytest.mark.parametrize("copies", COPIES)
+def test_per_sequence_mask_equals_separate_forwards(copies):
     """Guards a per-sequence (B, T, T) mask applied to the wrong sequence (a batch mixing
     objectives): each sequence's logits equal a forward of that sequence with its own mask."""
-    model = small_model(motion_radius=motion)
+    model = small_model(**COPIES[copies])
     ids = tokens(3, 4)
     cond, has = frame_actions(moves(3, 4))
     kinds = ["causal", "bidirectional", "identity"]
@@ -161,10 +164,10 @@ def test_objective_masks_default_to_the_copilot4d_recipe():
     assert lc.weights == (0.5, 0.4, 0.1)
 
 
-@pytest.mark.parametrize("motion", [0, 2])
+@pytest.mark.parametrize("copies", COPIES)
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("kind", TEMPORAL_KINDS)
-def test_each_objective_applies_the_mask_its_params_name(objective, kind, motion):
+def test_each_objective_applies_the_mask_its_params_name(objective, kind, copies):
     """Guards an objective that ignores its temporal-mask param (e.g. joint denoise hard-wired to
     causal, or to bidirectional): the batch carries the configured mask for every sequence, and the
     model run with it has exactly that frame-to-frame dependence."""
@@ -174,7 +177,7 @@ def test_each_objective_applies_the_mask_its_params_name(objective, kind, motion
     assert temporal.shape == (2, 4, 4) and temporal.dtype == torch.bool
     assert torch.equal(temporal, expected_mask(kind, 4).expand(2, 4, 4))
     cond, has = frame_actions(moves(2, 4))
-    assert torch.equal(dependence(small_model(motion_radius=motion), inp, cond, has, temporal), temporal)
+    assert torch.equal(dependence(small_model(**COPIES[copies]), inp, cond, has, temporal), temporal)
 
 
 def test_mixed_batch_carries_each_sequences_mask():
@@ -339,12 +342,12 @@ def test_rollout_returns_tokens_never_mask(steps, cache):
     assert out.min() >= 0 and out.max() <= 15
 
 
-@pytest.mark.parametrize("motion", [0, 2])
-def test_forward_cached_matches_forward(motion):
+@pytest.mark.parametrize("copies", COPIES)
+def test_forward_cached_matches_forward(copies):
     """Guards a key/value cache that shifts time positions or drops frames (or, with the
     motion-copy head, the previous frame): frames appended one at a time after a prefilled context
     give the causal forward's logits."""
-    model = small_model(motion_radius=motion)
+    model = small_model(**COPIES[copies])
     ids = tokens(2, 5)
     cond, has = frame_actions(moves(2, 5))
     with torch.no_grad():
@@ -358,10 +361,10 @@ def test_forward_cached_matches_forward(motion):
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("motion", [0, 2])
+@pytest.mark.parametrize("copies", COPIES)
 @pytest.mark.parametrize("temperature,choice_noise", [(1.0, 0.0), (1.0, 2.0), (0.0, 0.0)])
-def test_cached_rollout_equals_uncached(temperature, choice_noise, motion):
-    model = small_model(seed=3, motion_radius=motion)
+def test_cached_rollout_equals_uncached(temperature, choice_noise, copies):
+    model = small_model(seed=3, **COPIES[copies])
     ctx = tokens(2, 3, seed=4)
     acts, valid = moves(2, 7, seed=5), torch.ones(2, 7, dtype=torch.bool)
     valid[1, 3] = False
@@ -395,13 +398,13 @@ def test_expected_decode_beats_samples_in_squared_error():
     assert ((draws - point) ** 2).mean() < 0.6 * ((draws - sample) ** 2).mean()
 
 
-@pytest.mark.parametrize("motion", [0, 2])
-def test_expected_decode_rolls_out_each_frames_mean_level(motion):
+@pytest.mark.parametrize("copies", COPIES)
+def test_expected_decode_rolls_out_each_frames_mean_level(copies):
     """Guards an expected decode that reads another frame's logits or feeds back something other
     than the frame it returns: each rolled-out frame equals the rounded mean level of the causal
     forward's logits for that frame (all MASK) given the frames before it; cached equals uncached;
     no generator is needed and the result does not depend on the sampling settings."""
-    model = small_model(seed=2, motion_radius=motion)
+    model = small_model(seed=2, **COPIES[copies])
     ctx, acts = tokens(2, 3, seed=1), moves(2, 6, seed=2)
     runs = [rollout(model, ctx, acts, None, horizon=3, steps=steps, temperature=temp, cache=cache, decode="expected")
             for cache, steps, temp in ((True, 20, 1.0), (False, 3, 0.5))]
@@ -410,8 +413,10 @@ def test_expected_decode_rolls_out_each_frames_mean_level(motion):
     frames = ctx.long()
     for i in range(3):
         inp = torch.cat([frames, torch.full_like(frames[:, :1], MASK)], 1)
+        anchor = (torch.arange(inp.shape[1]) - 1).expand(2, -1).clone()
+        anchor[:, -1] = ctx.shape[1] - 1  # the ego copy: every new frame copies the last context frame
         with torch.no_grad():
-            logits = model(inp, cond[:, : inp.shape[1]], has[:, : inp.shape[1]], "causal")[:, -1]
+            logits = model(inp, cond[:, : inp.shape[1]], has[:, : inp.shape[1]], "causal", anchor=anchor)[:, -1]
         want = expected_levels(logits)
         assert torch.equal(runs[0][:, i], want), i
         frames = torch.cat([frames, want[:, None]], 1)
@@ -527,8 +532,8 @@ def scrolling_tokens(b: int, t: int, grid: int, seed: int) -> tuple[torch.Tensor
     return torch.stack([torch.stack(f) for f in frames]), shifts.float()
 
 
-@pytest.mark.parametrize("motion", [0, 2])
-def test_overfits_one_small_batch(motion):
+@pytest.mark.parametrize("copies", COPIES)
+def test_overfits_one_small_batch(copies):
     """Guards a model/loss/masking stack that cannot fit one batch (e.g. logits paired with the
     wrong targets, a cut gradient path):
     on one batch (B=2, T=4, grid 8, patch 2, dim 64) future-prediction masked-token accuracy
@@ -536,7 +541,7 @@ def test_overfits_one_small_batch(motion):
     torch.manual_seed(0)
     ids, acts = scrolling_tokens(2, 4, 8, seed=0)
     model = MaskedDynamics(MaskedConfig(grid=8, patch=2, token_dim=8, dim=64, heads=4, depth=2, max_frames=4,
-                                        motion_radius=motion))
+                                        **COPIES[copies]))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     cond, has = frame_actions(acts)
     g, lc = torch.Generator().manual_seed(0), MaskedLossConfig()
@@ -565,11 +570,11 @@ def test_overfits_one_small_batch(motion):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("motion", [0, 2])
-def test_context_copies_predict_each_frame_as_a_rollout_step(motion):
+@pytest.mark.parametrize("copies", COPIES)
+def test_context_copies_predict_each_frame_as_a_rollout_step(copies):
     """``forward_with_context``: frame t's logits equal the causal forward of the clean frames < t
     followed by masked frame t (a rollout's unmasking step), whatever the other masked frames hold."""
-    model = small_model(2, motion_radius=motion)
+    model = small_model(2, **COPIES[copies])
     b, t = 2, 5
     clean, masked = tokens(b, t, seed=1), tokens(b, t, seed=2)
     masked[:, :, :4] = MASK
@@ -743,3 +748,120 @@ def test_continuous_action_scale_multiplies_the_actions():
         with torch.no_grad():
             torch.testing.assert_close(scaled.action_embedding(a, has), plain.action_embedding(12.5 * a, has))
             assert not torch.allclose(plain.action_embedding(a, has), plain.action_embedding(12.5 * a, has))
+
+
+# --------------------------------------------------------------------------------------------
+# ego copy: the anchor frame moved by the actions since it
+# --------------------------------------------------------------------------------------------
+
+
+def cells(dx: float, dy: float, grid: int = 8) -> list[float]:
+    """A [dx, dy] action in half-image units that moves content by (dx, dy) cells of a grid-wide frame."""
+    return [dx * 2 / grid, dy * 2 / grid]
+
+
+def open_ego_gate(model: MaskedDynamics, logit: float = 50.0) -> MaskedDynamics:
+    with torch.no_grad():
+        model.ego_gate.weight.zero_()
+        model.ego_gate.bias.fill_(logit)
+    return model
+
+
+def test_ego_source_sums_the_moves_since_the_anchor():
+    """Guards a shift that counts the anchor's own move, misses the frame's, or forgets the
+    half-image units: frame t's shift is the sum of the moves of frames anchor+1..t, in cells
+    (grid / 2 per unit); an invalid move on the way, or no anchor, turns the copy off."""
+    acts = torch.tensor([[cells(1, 0), cells(0, 2), cells(-3, 1), cells(1, 1), cells(0, 0)]])  # per transition
+    valid = torch.ones(1, 5, dtype=torch.bool)
+    cond, has = frame_actions(acts, valid)
+    frames = tokens(1, 5)
+    src = ego_source(frames, cond, has, torch.tensor([[-1, 0, 0, 1, 1]]), 8)
+    want = torch.tensor([[[0, 0], [1, 0], [1, 2], [-3, 3], [-2, 4]]], dtype=torch.float32)
+    torch.testing.assert_close(src.shift, want)
+    assert src.ok.tolist() == [[False, True, True, True, True]]
+    assert torch.equal(src.ids[0, 2], frames[0, 0]) and torch.equal(src.ids[0, 4], frames[0, 1])
+    valid[0, 2] = False  # the move from frame 2 to 3 is unknown: frames 3 and 4 cannot copy frame 1
+    cond, has = frame_actions(acts, valid)
+    src = ego_source(frames, cond, has, torch.tensor([[-1, 0, 1, 2, 3]]), 8)
+    assert src.ok.tolist() == [[False, True, True, False, True]]
+    with pytest.raises(ValueError, match="anchor must be an earlier frame"):
+        ego_source(frames, cond, has, torch.tensor([[-1, 0, 2, 2, 3]]), 8)
+
+
+def test_ego_copy_moves_the_anchor_by_the_actions():
+    """With the ego gate open, a fully masked frame's prediction is its anchor moved by the moves
+    since (content at p - shift lands on p), whatever the rest of the model says; a half-cell move
+    splits each token between its two neighbours; with the gate shut the copy is gone. Guards an
+    (x, y) swap, a shift of the wrong sign or size, and a gate that does not reach the output."""
+    model = open_ego_gate(small_model(seed=1, motion_radius=2, ego_copy=True))
+    ids = tokens(2, 3, seed=5)
+    inp = ids.clone()
+    inp[:, 2] = MASK
+    acts = torch.tensor([[cells(2, -1), cells(1, 0), [0.0, 0.0]]]).expand(2, 3, 2)
+    cond, has = frame_actions(acts)
+    anchor = torch.tensor([[-1, 0, 0]]).expand(2, 3)  # frame 2 copies frame 0, moved (3, -1) cells
+    with torch.no_grad():
+        logp = model(inp, cond, has, "causal", anchor=anchor)
+    torch.testing.assert_close(logp.logsumexp(-1), torch.zeros(2, 3, 8, 8), atol=1e-5, rtol=0)
+    pred = logp[:, 2].argmax(-1)
+    assert torch.equal(pred[:, :7, 3:], ids[:, 0, 1:, :5])  # pred[y, x] = frame0[y + 1, x - 3]
+    ego = model.ego_copy(ego_source(ids, cond, has, anchor, 8))
+    assert torch.all(ego[:, 2, 7, :, -1] == 1) and torch.all(ego[:, 2, :, :3, -1] == 1)  # entered: unknown
+    half = torch.tensor([[cells(0.5, 0), [0.0, 0.0], [0.0, 0.0]]]).expand(2, 3, 2)
+    hc, hh = frame_actions(half)
+    src = ego_source(ids, hc, hh, torch.tensor([[-1, 0, 1]]).expand(2, 3), 8)
+    p = model.ego_copy(src)[:, 1, 4, 5]
+    want = 0.5 * F.one_hot(ids[:, 0, 4, 5], MASK + 1) + 0.5 * F.one_hot(ids[:, 0, 4, 4], MASK + 1)
+    torch.testing.assert_close(p, want.float())
+    with torch.no_grad():
+        shut = open_ego_gate(model, -50.0)(inp, cond, has, "causal", anchor=anchor)
+    assert not torch.equal(shut[:, 2].argmax(-1)[:, :7, 3:], ids[:, 0, 1:, :5])
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_rollout_frames_copy_the_last_context_frame(cache):
+    """A rollout's every new frame copies the last context frame moved by all the moves since it,
+    not its own previous (predicted) frame: with the gate open, horizon frame i is the last context
+    frame moved by the sum of moves 1..i, each cell exact where that sum is whole. Guards a rollout
+    that chains one-step copies (two half-cell moves blur twice instead of moving one cell) or
+    skips a move."""
+    model = open_ego_gate(small_model(seed=4, motion_radius=2, ego_copy=True))
+    ctx = tokens(1, 2, seed=6)
+    acts = torch.tensor([[cells(0, 0), cells(0.5, 0), cells(0.5, 0), cells(1, 1), [0.0, 0.0]]])
+    out = rollout(model, ctx, acts, None, horizon=3, cache=cache, decode="expected")
+    last = ctx[0, 1]
+    # half a cell, then 1 and (2, 1) cells in all: chained copies would blur twice by then
+    for i, (dx, dy) in ((1, (1, 0)), (2, (2, 1))):
+        assert torch.equal(out[0, i, dy:, dx:], last[: 8 - dy, : 8 - dx]), i
+    assert not torch.equal(out[0, 0, :, 1:], last[:, :7])  # half a cell: each token between two
+
+
+def test_rollout_anchors_read_windows_as_rollouts():
+    """Training anchors: per sequence a context of c frames (every c in 1..T-1 drawn), frames
+    before c copy their predecessor and the rest the last context frame; ``forward_with_context``
+    with them gives each frame what a rollout from that context gives it."""
+    from models.masked_dynamics import rollout_anchors
+
+    a = rollout_anchors(400, 5, torch.Generator().manual_seed(0))
+    c = a[:, -1] + 1
+    assert set(c.tolist()) == {1, 2, 3, 4}
+    t = torch.arange(5)
+    assert torch.equal(a, torch.minimum(t - 1, c[:, None] - 1))
+    model = small_model(2, motion_radius=2, ego_copy=True)
+    clean, masked = tokens(2, 5, seed=1), tokens(2, 5, seed=2)
+    masked[:, :, :4] = MASK
+    cond, has = frame_actions(moves(2, 5))
+    anchor = a[:2]
+    with torch.no_grad():
+        both = model.forward_with_context(masked, clean, cond, has, anchor=anchor)
+        for i in range(1, 5):
+            seq = torch.cat([clean[:, :i], masked[:, i:i + 1]], dim=1)
+            want = (t[: i + 1] - 1).expand(2, -1).clone()
+            want[:, i] = anchor[:, i]
+            alone = model(seq, cond[:, :i + 1], has[:, :i + 1], "causal", anchor=want)[:, i]
+            torch.testing.assert_close(both[:, i], alone, atol=2e-5, rtol=1e-4)
+
+
+def test_ego_copy_needs_continuous_moves():
+    with pytest.raises(ValueError, match="ego_copy moves tokens by continuous"):
+        MaskedConfig(**SMALL, ego_copy=True, action_kind="discrete")

@@ -186,10 +186,10 @@ def trained(inputs, tmp_path_factory):
     def get(family: str, dataset: str, kind: str, action_input: str):
         key = (family, dataset, kind, action_input)
         if key not in done:
-            # MNIST's masked model as in params.yaml: the motion-copy head and the expected decode;
+            # MNIST's masked model as in params.yaml: the motion-copy head, the ego copy, the expected decode;
             # gameplay's without the head, sampled by MaskGIT (the code's defaults)
             # gameplay's flow model as in params.yaml: the camera warp
-            own = {("masked", "mnist"): {"masked": {"motion_radius": 2, "decode": "expected"}},
+            own = {("masked", "mnist"): {"masked": {"motion_radius": 2, "ego_copy": True, "decode": "expected"}},
                    ("flow", "gameplay"): {"flow": {"camera_warp": True}}}
             cfg = dynamics_config(family, action_input, **own.get((family, dataset), {}))
             name = "-".join(key)
@@ -267,6 +267,7 @@ def test_each_family_runs_on_each_dataset(family, dataset, kind, action_input, i
             assert meta["config"]["class_motion"] is None
     if family == "masked":
         assert meta["config"]["motion_radius"] == (2 if dataset == "mnist" else 0)
+        assert meta["config"]["ego_copy"] == (dataset == "mnist")
         # both decodes are reported; mse is the one the model rolls out with
         own = "expected" if dataset == "mnist" else "maskgit"
         assert meta["sample"]["decode"] == cfg.masked.decode == own
@@ -427,6 +428,15 @@ def test_evaluation_that_cannot_run_is_refused_before_training(eval_over, messag
         stage.run(cfg, inputs("mnist", "quantize"), tmp_path / "out", tmp_path / "work", where="dynamics.mnist",
                   loader=NO_WORKERS)
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+def test_ego_copy_without_continuous_actions_is_refused():
+    """The ego copy moves tokens by [dx, dy]: a discrete action input is a params error naming both keys."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"masked\.ego_copy .* action_input is 'discrete'"):
+        dynamics_config("masked", "discrete", masked={"ego_copy": True})
+    assert dynamics_config("masked", "continuous", masked={"ego_copy": True}).masked.ego_copy
 
 
 def test_step_sweep_times_are_the_median_of_interleaved_rounds(monkeypatch):
