@@ -474,9 +474,13 @@ class MaskedDynamics(nn.Module):
         if self.cfg.ego_copy:
             prev = previous_anchors(b, t, ids.device)
             ctx_src = ego_source(ctx_ids, actions, has, prev, self.cfg.grid)
-            src = ego_source(ctx_ids, actions, has, prev if anchor is None else anchor, self.cfg.grid)
-            ego_ctx, ego_p = (self.ego_copy(ctx_src), ctx_src.ok), self.ego_copy(src)
-            ego_in = (ego_p, src.ok)
+            ego_ctx = (self.ego_copy(ctx_src), ctx_src.ok)
+            if anchor is None:  # the predicted frames copy their predecessors too: the same copies
+                ego_in = ego_ctx
+            else:
+                src = ego_source(ctx_ids, actions, has, anchor, self.cfg.grid)
+                ego_in = (self.ego_copy(src), src.ok)
+            ego_p = ego_in[0]
         x = torch.cat([self.embed(ctx_ids, actions, has, t0, ego_ctx), self.embed(ids, actions, has, t0, ego_in)], dim=1)
         mask = context_copy_mask(t, x.device)
         for blk in self.blocks:
