@@ -5,8 +5,9 @@ decoding with fps resampling.
 no swscale code runs on the encode side: swscale's RGB to YUV conversion picks its code by the
 CPU's SIMD level, and its SIMD and C paths round chroma differently (FFmpeg 8, PyAV 18: 24,998 of
 the 401,760 chroma values of a 155-frame 72x72 Crafter episode differ by 1 between them), which
-made the videos, and everything downstream, depend on the machine. x264 runs with one thread (its assembly is bit-exact
-with its C code, so the CPU does not matter there).
+made the videos, and everything downstream, depend on the machine. x264 runs with one thread and
+its portable C code only (``X264_PARAMS``: its SIMD code is not what decides the bytes), and every
+byte of the frames it is handed is defined, the row padding included (``_yuv420p_frame``).
 
 ``decode_video`` returns RGB frames and their timestamps in seconds from the container's pts
 (relative to the first frame). With a target ``fps``, output time ``k / fps`` takes the last
@@ -70,6 +71,41 @@ def rgb_to_yuv420p(frames: np.ndarray) -> np.ndarray:
     return np.concatenate(flat, axis=1).reshape(t, h * 3 // 2, w)
 
 
+# x264's options for every encode. ``asm=0`` runs x264's portable C code whatever the CPU offers:
+# - its SIMD code is not bit-exact with its C code at frame sizes that are not a multiple of 16
+#   (Crafter's 72x72): here SSSE3 and up give other bytes than MMX2/SSE2 or C, and 31 of the 36
+#   default episodes came out with other bytes on an AVX-512 machine than on this AVX2 one;
+# - on that AVX-512 machine, FFmpeg work in other threads changed an encode's bytes. Under valgrind
+#   the SIMD path's macro-block tree (the lookahead's log2 of propagate costs) uses uninitialised
+#   stack values, so its output can depend on what ran on the thread before.
+# The C code is the same instructions on every x86-64 machine. Valgrind still reports uninitialised
+# stack pixels in its weighted-prediction analysis, but they do not reach the bytes: stacks filled
+# with six patterns, heaps with MALLOC_PERTURB_, garbage in the frames' row padding, and 4 threads
+# of encodes and decodes for 3 rounds all gave the bytes of an encode alone. The cost: 10.1 s of
+# encoding for the 36 default episodes against 4.8 s with SIMD (about 0.15 s per episode).
+# One thread, no sliced or lookahead threads, deterministic mode: threads would decide by timing.
+X264_PARAMS = "asm=0:threads=1:lookahead-threads=1:sliced-threads=0:non-deterministic=0"
+
+
+def _yuv420p_frame(planes: np.ndarray) -> av.VideoFrame:
+    """A yuv420p ``VideoFrame`` of ``planes`` (``rgb_to_yuv420p``'s layout, one frame) whose row
+    padding is zero. FFmpeg pads each row to its line size and leaves the padding uninitialised
+    (``VideoFrame.from_ndarray`` copies the visible bytes only): an encoder that reads it (x264's
+    SIMD code reads whole vectors) would see whatever the process's heap held before."""
+    rows, width = planes.shape
+    height = rows * 2 // 3
+    frame = av.VideoFrame(width, height, "yuv420p")
+    flat = planes.reshape(-1)
+    start = 0
+    for plane in frame.planes:
+        w, h = plane.width, plane.height
+        padded = np.zeros((h, plane.line_size), dtype=np.uint8)
+        padded[:, :w] = flat[start : start + w * h].reshape(h, w)
+        np.frombuffer(plane, dtype=np.uint8)[:] = padded.reshape(-1)
+        start += w * h
+    return frame
+
+
 class VideoError(ValueError):
     """A video file cannot be read: missing, not a video, corrupt or truncated."""
 
@@ -79,9 +115,9 @@ def encode_video(frames: np.ndarray, path: Path | str, fps: float, crf: int = 18
     range) at ``fps``; returns ``path``.
 
     The same frames give the same bytes in any thread, process or machine (with the same PyAV and
-    x264 builds): the RGB to YUV conversion is ``rgb_to_yuv420p`` (no swscale), x264 runs on one
-    thread with its threading options pinned, and the muxer writes no library version. The file
-    is written to a temporary sibling and renamed into place.
+    x264 builds): the RGB to YUV conversion is ``rgb_to_yuv420p`` (no swscale), the frames' row
+    padding is zero, x264 runs its C code on one thread (``X264_PARAMS``), and the muxer writes no
+    library version. The file is written to a temporary sibling and renamed into place.
     """
     frames = np.asarray(frames)
     path = Path(path)
@@ -103,10 +139,10 @@ def encode_video(frames: np.ndarray, path: Path | str, fps: float, crf: int = 18
                 "crf": str(crf),
                 "preset": "medium",
                 "threads": "1",
-                "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0:non-deterministic=0",
+                "x264-params": X264_PARAMS,
             }
             for planes in yuv:
-                frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+                frame = _yuv420p_frame(planes)
                 frame.color_range, frame.colorspace = _RANGE_MPEG, _SMPTE170M
                 container.mux(stream.encode(frame))  # already yuv420p: PyAV does not reformat it
             container.mux(stream.encode(None))

@@ -12,27 +12,39 @@ import av
 import numpy as np
 import pytest
 
+from pipeline import video
 from pipeline.video import VideoError, decode_video, encode_video, probe_video, rgb_to_yuv420p
 from tests.conftest import marker_frames, marker_index
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # Python code that makes the process's FFmpeg run its C code only, as on a CPU without the SIMD sets
-# this one has (av_force_cpu_flags(0); x264 detects its CPU itself, and its assembly is bit-exact
-# with its C code). Prepend it to the code a fresh process runs.
+# this one has (av_force_cpu_flags(0); x264 runs its C code anyway, see X264_PARAMS). Prepend it
+# to the code a fresh process runs.
 FFMPEG_C_ONLY = (
     "import ctypes, av\n"
     "lib = next(l.split()[-1] for l in open('/proc/self/maps') if '/libavutil' in l)\n"
     "ctypes.CDLL(lib).av_force_cpu_flags(0)\n"
 )
+# The rest of another CPU, where a switch exists: NumPy without its x86-64-v3/v4 dispatch targets,
+# PyTorch's ATen on its default kernels (no AVX), glibc (libm's exp/log/pow/cos, memcpy) without
+# AVX-512, AVX2, FMA or AVX.
+OTHER_CPU_ENV = {
+    "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR",
+    "ATEN_CPU_CAPABILITY": "default",
+    "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F,-AVX2,-FMA,-AVX",
+}
+# x264's options spelled out here, its C code: the bytes every CPU must give.
+X264_C = "asm=0:threads=1:lookahead-threads=1:sliced-threads=0:non-deterministic=0"
 
 
-def run_fresh(code: str, *args: str) -> None:
-    """Run ``code`` in a fresh interpreter at the repository root, FFmpeg's SIMD off (see
-    FFMPEG_C_ONLY) and another hash seed; ``args`` are its ``sys.argv[1:]``."""
+def run_fresh(code: str, *args: str, env: dict | None = None) -> None:
+    """Run ``code`` in a fresh interpreter at the repository root as on another CPU (FFMPEG_C_ONLY,
+    OTHER_CPU_ENV) and with another hash seed; ``args`` are its ``sys.argv[1:]``, ``env`` more
+    environment variables."""
     if not sys.platform.startswith("linux"):
         pytest.skip("finds FFmpeg's libavutil through /proc/self/maps (Linux)")
-    env = {**os.environ, "PYTHONHASHSEED": "123"}
+    env = {**os.environ, "PYTHONHASHSEED": "123", **OTHER_CPU_ENV, **(env or {})}
     subprocess.run([sys.executable, "-c", FFMPEG_C_ONLY + code, *args], check=True, cwd=ROOT, env=env)
 
 
@@ -139,39 +151,83 @@ def test_rgb_to_yuv420p_is_bt601_limited_range_rounded_exactly():
         assert tuple(flat[[0, 4, 5]]) == expect
 
 
-def test_encoding_gives_the_same_bytes_alone_in_threads_and_in_a_fresh_process(tmp_path):
-    """Guards issue 7.1: the bytes of an encoded video depended on the machine (swscale's RGB to
-    YUV conversion rounds chroma differently in its SIMD and C code; the fresh process below runs
-    FFmpeg's C code only, as a CPU without this one's SIMD sets would) and, on some machine, on an
-    encode running in another thread. The same frames must give the same bytes alone, beside other
-    encodes and decodes in threads, and in another process on other CPU code."""
-    frames = tiles(24, seed=0)
-    alone = encode_video(frames, tmp_path / "alone.mp4", fps=10).read_bytes()
-    stream = av.open(str(tmp_path / "alone.mp4")).streams.video[0]
+def test_encoding_gives_the_bytes_of_x264s_c_code(tmp_path, monkeypatch):
+    """Guards issue 18: x264's SIMD code is not bit-exact with its C code at frame sizes that are
+    not a multiple of 16 (72x72, Crafter's: SSSE3 and up gave other bytes than C on an AVX2 machine,
+    and an AVX-512 machine others again). Whatever this CPU offers, the bytes must be those of
+    x264's C code, which every machine runs alike."""
+    frames = tiles(24, seed=0, height=72, width=72)
+    ours = encode_video(frames, tmp_path / "ours.mp4", fps=10).read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(video, "X264_PARAMS", X264_C)
+        c_code = encode_video(frames, tmp_path / "c.mp4", fps=10).read_bytes()
+    assert ours == c_code, "encode_video does not give the bytes of x264's C code"
+    stream = av.open(str(tmp_path / "ours.mp4")).streams.video[0]
     assert (stream.codec_context.color_range, stream.codec_context.colorspace) == (1, 6)  # BT.601, tv range
 
-    others = [tiles(24, seed=s) for s in range(1, 5)]
-    (tmp_path / "threads").mkdir()
+
+def test_encoding_gives_the_same_bytes_beside_other_ffmpeg_work_and_in_fresh_processes(tmp_path):
+    """Guards issues 7.1 and 18: on one machine an encode's bytes changed with FFmpeg work in other
+    threads (x264's SIMD path reads stack values it never wrote, and FFmpeg leaves the frames' row
+    padding uninitialised). The same frames must give the bytes of an encode alone: for 3 rounds,
+    4 threads of encodes of these and other frames at several sizes, decodes on FFmpeg's threads,
+    and decodes on the encoding thread itself just before it encodes; and in fresh processes on
+    other CPU code whose heaps hand out garbage (MALLOC_PERTURB_)."""
+    frames = tiles(24, seed=0, height=72, width=72)  # not a multiple of 16: rows carry padding
+    alone = encode_video(frames, tmp_path / "alone.mp4", fps=10).read_bytes()
+    others = [tiles(24, seed=s, height=h, width=w) for s, (h, w) in enumerate([(72, 72), (48, 64), (24, 40), (72, 104)], 1)]
+    (tmp_path / "jobs").mkdir()
 
     def job(i: int) -> bytes | None:
-        if i % 3 == 2:  # a decode beside the encodes
+        kind, out = i % 4, tmp_path / "jobs" / f"{i}.mp4"
+        if kind == 1:
+            encode_video(others[i // 4 % len(others)], out, fps=10)
+            return None
+        if kind == 2:  # FFmpeg's decoder threads
             decode_video(tmp_path / "alone.mp4", size=(32, 24), threads=2)
             return None
-        clip = frames if i % 3 == 0 else others[i % 4]
-        data = encode_video(clip, tmp_path / "threads" / f"{i}.mp4", fps=10).read_bytes()
-        return data if i % 3 == 0 else None
+        if kind == 3:  # this thread's stack holds the decoder's values when x264 starts
+            decode_video(tmp_path / "alone.mp4", threads=1)
+        return encode_video(frames, out, fps=10).read_bytes()
 
-    with ThreadPoolExecutor(4) as pool:
-        same = [b for b in pool.map(job, range(18)) if b is not None]
-    assert len(same) == 6 and all(b == alone for b in same), "an encode beside others in threads differs"
+    same = []
+    for _ in range(3):
+        with ThreadPoolExecutor(4) as pool:
+            same += [b for b in pool.map(job, range(24)) if b is not None]
+    assert len(same) == 36
+    differ = sum(b != alone for b in same)
+    assert differ == 0, f"{differ} of {len(same)} encodes beside other FFmpeg work differ from the encode alone"
 
     np.save(tmp_path / "frames.npy", frames)
+    for perturb in ("90", "201"):
+        fresh = tmp_path / f"fresh{perturb}.mp4"
+        run_fresh(
+            "import sys, numpy as np; from pipeline.video import encode_video\n"
+            "encode_video(np.load(sys.argv[1]), sys.argv[2], fps=10)",
+            str(tmp_path / "frames.npy"), str(fresh), env={"MALLOC_PERTURB_": perturb},
+        )
+        assert fresh.read_bytes() == alone, f"a fresh process on other CPU code (MALLOC_PERTURB_={perturb}) encodes other bytes"
+
+
+def test_frames_handed_to_the_encoder_have_zero_row_padding(tmp_path):
+    """FFmpeg pads each row of a frame to its line size and leaves the padding uninitialised; in a
+    process whose heap hands out garbage (MALLOC_PERTURB_), the encoder's frames must still carry
+    the planes and zero padding, where PyAV's own ``from_ndarray`` leaves the garbage."""
     run_fresh(
-        "import sys, numpy as np; from pipeline.video import encode_video\n"
-        "encode_video(np.load(sys.argv[1]), sys.argv[2], fps=10)",
-        str(tmp_path / "frames.npy"), str(tmp_path / "fresh.mp4"),
+        "import sys, av, numpy as np; from pipeline.video import _yuv420p_frame, rgb_to_yuv420p\n"
+        "planes = rgb_to_yuv420p(np.full((1, 72, 72, 3), 200, np.uint8))[0]\n"
+        "out = {}\n"
+        "for name, f in [('ours', _yuv420p_frame(planes)), ('pyav', av.VideoFrame.from_ndarray(planes, format='yuv420p'))]:\n"
+        "    out[name + '_planes'] = f.to_ndarray()\n"
+        "    out[name + '_padding'] = np.concatenate([np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, p.width:].ravel() for p in f.planes])\n"
+        "out['planes'] = planes\n"
+        "np.savez(sys.argv[1], **out)",
+        str(tmp_path / "frames.npz"), env={"MALLOC_PERTURB_": "90"},
     )
-    assert (tmp_path / "fresh.mp4").read_bytes() == alone, "another process on other CPU code encodes other bytes"
+    got = np.load(tmp_path / "frames.npz")
+    np.testing.assert_array_equal(got["ours_planes"], got["planes"])
+    assert got["ours_padding"].size > 0 and not got["ours_padding"].any(), "row padding is not zero"
+    assert got["pyav_padding"].any(), "PyAV's padding is zero here: this test no longer shows the garbage it guards against"
 
 
 def test_decoding_gives_the_same_frames_in_threads_and_in_a_fresh_process(tmp_path):
