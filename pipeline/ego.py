@@ -10,6 +10,9 @@ sections of params.yaml.
 """
 from __future__ import annotations
 
+import logging
+import math
+import numbers
 from typing import Literal
 
 import numpy as np
@@ -17,6 +20,8 @@ from pydantic import Field, field_validator
 
 from pipeline import motion
 from pipeline.config import StrictModel
+
+log = logging.getLogger(__name__)
 
 
 class MnistActionsConfig(StrictModel):
@@ -38,7 +43,8 @@ class GameplayActionsConfig(StrictModel):
     subpixel: bool = Field(True, description="parabolic sub-pixel refinement of the best shift")
     move_threshold: float = Field(0.5, gt=0, description="|shift| in tiles that counts as a move")
     tile_px: float | Literal["auto"] = Field(
-        "auto", description="pixels per tile in the frames; auto: from the recorded tile size and the resize")
+        "auto", description="pixels per tile in the frames; auto: the recorded tile size after the resize, "
+                            "else max_shift (frames without tiles)")
     ambiguous_tol: float = Field(0.5, ge=0, description="grey levels under which the scene is unchanged")
 
     @field_validator("tile_px")
@@ -69,14 +75,26 @@ TILE_TOLERANCE = 0.05  # a tile_px given in pixels may differ this much (relativ
 
 
 def resolve_tile_px(cfg: GameplayActionsConfig, frame_attrs: dict, where: str, store: str) -> GameplayActionsConfig:
-    """``cfg`` with ``tile_px`` in pixels: derived from the frames store's ``tile_px`` attribute (the
-    recorded tile size times the resize, written by the gameplay_frames stage for Crafter episodes)
-    when ``auto``, and checked against it when given. Raises ValueError naming the key."""
+    """``cfg`` with ``tile_px`` in pixels: the unit of ``move_threshold`` and the side of the square
+    ``mask_centre`` leaves out. ``auto`` takes the frames store's ``tile_px`` attribute (the recorded
+    tile size times the resize, written by the gameplay_frames stage for Crafter episodes); a number
+    given is checked against it. Frames without tiles (downloaded videos) record none: ``auto`` then
+    takes ``max_shift``, the largest per-frame shift the estimator is set to see, the one scale of
+    motion such frames come with (Crafter's is sized to one move, a tile: both give the same
+    classes there). A move is then a shift of at least ``move_threshold`` of it: a camera turning
+    pans the view, while walking forward expands it about its centre with little net shift (none);
+    the centre square leaves out what is fixed to the camera there (an avatar, a crosshair).
+    Raises ValueError naming the key, or the store and its bad attribute."""
     recorded = frame_attrs.get("tile_px")
+    number = isinstance(recorded, numbers.Real) and not isinstance(recorded, bool)
+    if recorded is not None and not (number and math.isfinite(recorded) and recorded > 0):
+        raise ValueError(f"{store} records tile_px = {recorded!r}, not a positive number of pixels; "
+                         "rerun gameplay_frames")
     if cfg.tile_px == "auto":
         if recorded is None:
-            raise ValueError(f"{where}.tile_px is 'auto' but {store} records no tile size (only recorded Crafter "
-                             f"episodes do); set {where}.tile_px to the tile size in pixels")
+            log.info("%s.tile_px is 'auto' and %s records no tile size: moves are counted in max_shift = %d px",
+                     where, store, cfg.max_shift)
+            return cfg.model_copy(update={"tile_px": float(cfg.max_shift)})
         return cfg.model_copy(update={"tile_px": float(recorded)})
     if recorded is not None and abs(cfg.tile_px - recorded) > TILE_TOLERANCE * recorded:
         raise ValueError(f"{where}.tile_px is {cfg.tile_px} but the tiles of {store} are {recorded:.3f} pixels "

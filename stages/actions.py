@@ -15,8 +15,10 @@ gameplay also ``action_class`` (T,) int8 (0 none, 1 left, 2 right, 3 up, 4 down;
   on both axes).
 - ``gameplay``: the camera's own motion, minus the shift of the play area's content (the HUD below
   ``play_area`` left out, the player's centre tile masked with ``mask_centre``), by block matching
-  or phase correlation, and its class by ``move_threshold`` tiles. With Crafter's truth, the true
-  class of a transition is the sign of the player's grid move (x right, y down); a transition is
+  or phase correlation, and its class by ``move_threshold`` tiles (``tile_px: auto``: the tile size
+  the frames record, Crafter's; frames without tiles, e.g. downloaded videos, count in ``max_shift``
+  pixels: ``pipeline.ego.resolve_tile_px`` says why). With Crafter's truth, the true class of a
+  transition is the sign of the player's grid move (x right, y down); a transition is
   ``ambiguous`` when the player moved but the scene (the play area without the player's tile,
   which is fixed to the camera) did not change: mean abs difference below ``ambiguous_tol`` grey
   levels, e.g. walking over uniform grass. ``accuracy`` scores every other valid transition.

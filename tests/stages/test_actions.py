@@ -3,12 +3,14 @@ ambiguous rule, the store layout, params validation and the stage entry point.""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import crafter
 import numpy as np
 import pytest
 import yaml
+from scipy import ndimage
 from skimage.transform import resize
 
 from pipeline import motion
@@ -19,6 +21,7 @@ from stages import actions
 from stages.actions import (
     GameplayActionsConfig,
     MnistActionsConfig,
+    resolve_tile_px,
     run_gameplay,
     run_mnist,
 )
@@ -149,13 +152,15 @@ def crafter_episodes():
     return [crafter_episode(seed, 60) for seed in (0, 5)]
 
 
-def gameplay_store(path: Path, episodes: list[tuple[np.ndarray, np.ndarray]], truth: bool = True) -> Path:
+def gameplay_store(path: Path, episodes: list[tuple[np.ndarray, np.ndarray]], truth: bool = True,
+                   **attrs) -> Path:
+    """A frames store; ``attrs`` override the recorded ones (None: not recorded)."""
     eps = [{"frames": f, **({"player_pos": p} if truth else {})} for f, p in episodes]
     h, w = episodes[0][0].shape[1:3]
-    attrs = {"has_truth": truth, "width": w, "height": h}
+    attrs = {"has_truth": truth, "width": w, "height": h, **attrs}
     if truth:  # what gameplay_frames records for Crafter's 9-tile-wide view
-        attrs["tile_px"] = w / 9
-    return write_episode_store(path, eps, SMALL_STORE, attrs)
+        attrs.setdefault("tile_px", w / 9)
+    return write_episode_store(path, eps, SMALL_STORE, {k: v for k, v in attrs.items() if v is not None})
 
 
 def test_crafter_axes_x_right_y_down(crafter_episodes):
@@ -256,20 +261,87 @@ def test_gameplay_without_truth(tmp_path, crafter_episodes):
 
 def test_tile_px_is_derived_from_the_frames_or_checked_against_them(tmp_path, crafter_episodes):
     """``tile_px: auto`` takes the tile size the frames stage recorded; a number that disagrees with
-    it, or ``auto`` on frames with no recorded tile size, is refused before any work, naming the key."""
-    from pipeline.config import ParamsError
-
+    it is refused before any work, naming the key."""
     frames, pos, _ = crafter_episodes[1]
     src = gameplay_store(tmp_path / "frames.zarr", [(resize_frames(frames[:6], 64), pos[:6])])
     auto = run_gameplay(GameplayActionsConfig(), src, tmp_path / "a.zarr", SMALL_STORE)
     given = run_gameplay(GameplayActionsConfig(tile_px=64 / 9), src, tmp_path / "b.zarr", SMALL_STORE)
     assert auto["pred_counts"] == given["pred_counts"]
+    assert store_bytes(tmp_path / "a.zarr") == store_bytes(tmp_path / "b.zarr")
     with pytest.raises(ParamsError, match=r"actions.gameplay.tile_px is 3.0 but the tiles of .*frames.zarr are 7.111"):
         run_gameplay(GameplayActionsConfig(tile_px=3.0), src, tmp_path / "c.zarr", SMALL_STORE)
-    bare = gameplay_store(tmp_path / "bare.zarr", [(resize_frames(frames[:6], 64), pos[:6])], truth=False)
-    with pytest.raises(ParamsError, match=r"actions.gameplay.tile_px is 'auto' but .*bare.zarr records no tile size"):
-        run_gameplay(GameplayActionsConfig(), bare, tmp_path / "d.zarr", SMALL_STORE)
-    assert not (tmp_path / "c.zarr").exists() and not (tmp_path / "d.zarr").exists()
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_tile_px_auto_is_max_shift_without_a_recorded_tile_size():
+    """Guards issue 18: frames without tiles (downloaded videos) record no tile size, and ``auto``
+    stopped the stage on them. It now counts moves in ``max_shift`` pixels (and masks a centre
+    square of that side); where a tile size is recorded, ``auto`` takes it exactly as before."""
+    where, store = "actions.gameplay", "data/gameplay/frames.zarr"
+    assert resolve_tile_px(GameplayActionsConfig(), {}, where, store).tile_px == 8.0
+    cfg = resolve_tile_px(GameplayActionsConfig(max_shift=5, move_threshold=0.6), {"fps": 10}, where, store)
+    assert cfg.tile_px == 5.0 and cfg.max_shift == 5 and cfg.move_threshold == 0.6
+    recorded = {"tile_px": 7.111111, "tile_source": "8 px tiles at 72 px, cropped [0, 0, 0, 0], resized to 64"}
+    assert resolve_tile_px(GameplayActionsConfig(), recorded, where, store) == GameplayActionsConfig(tile_px=7.111111)
+    assert resolve_tile_px(GameplayActionsConfig(max_shift=5), recorded, where, store).tile_px == 7.111111
+    given = GameplayActionsConfig(tile_px=3.0)  # a number is used as given where nothing contradicts it
+    assert resolve_tile_px(given, {}, where, store) == given
+
+
+@pytest.mark.parametrize("bad", [0, -7.1, float("nan"), "7.1", True, [7.1]])
+def test_a_bad_recorded_tile_size_names_the_store_and_the_value(tmp_path, crafter_episodes, bad):
+    frames, pos, _ = crafter_episodes[1]
+    src = gameplay_store(tmp_path / "frames.zarr", [(resize_frames(frames[:4], 64), pos[:4])], tile_px=bad)
+    with pytest.raises(ParamsError, match=rf"frames.zarr records tile_px = {re.escape(repr(bad))}, not a positive"):
+        run_gameplay(GameplayActionsConfig(), src, tmp_path / "a.zarr", SMALL_STORE)
+    assert not (tmp_path / "a.zarr").exists()
+
+
+def test_without_a_recorded_tile_size_crafter_keeps_its_classes(tmp_path, crafter_episodes):
+    """The fallback is no new tuning: Crafter's ``max_shift`` (8 px) was sized to one move (a
+    7.1 px tile), so the same frames without their tile record get the same classes."""
+    episodes = [(resize_frames(frames, 64), pos) for frames, pos, _ in crafter_episodes]
+    tiled = run_gameplay(GameplayActionsConfig(), gameplay_store(tmp_path / "tiled.zarr", episodes),
+                         tmp_path / "a.zarr", SMALL_STORE)
+    bare = run_gameplay(GameplayActionsConfig(), gameplay_store(tmp_path / "bare.zarr", episodes, tile_px=None),
+                        tmp_path / "b.zarr", SMALL_STORE)
+    assert bare == tiled and tiled["accuracy"] >= 0.9
+    assert store_bytes(tmp_path / "a.zarr") == store_bytes(tmp_path / "b.zarr")
+
+
+def camera_frames(world: np.ndarray, centres, scales, size: int = 64) -> np.ndarray:
+    """uint8 frames ``(T, size, size, 3)`` of a pinhole camera over a flat RGB ``world``: frame t
+    shows the world around ``centres[t]`` (x, y) magnified ``scales[t]`` times (bilinear)."""
+    grid = (np.arange(size) + 0.5 - size / 2).astype(np.float64)
+    out = []
+    for (cx, cy), s in zip(centres, scales):
+        ys, xs = cy + grid[:, None] / s - 0.5, cx + grid[None, :] / s - 0.5
+        ys, xs = np.broadcast_arrays(ys, xs)
+        out.append(np.stack([ndimage.map_coordinates(world[..., c], [ys, xs], order=1) for c in range(3)], -1))
+    return np.clip(np.rint(np.stack(out)), 0, 255).astype(np.uint8)
+
+
+def test_without_tiles_a_turning_camera_moves_and_walking_forward_does_not(tmp_path):
+    """Real gameplay, not Crafter: a camera turning pans the view (5 px per frame: left, then
+    right, then up), a camera walking forward magnifies it 6 % per frame about its centre (with
+    an avatar fixed to the camera there). With ``tile_px: auto`` on frames that record no tile
+    size, the pans are their direction and the walk is ``none``."""
+    rng = np.random.default_rng(7)
+    world = ndimage.gaussian_filter(rng.random((260, 260, 3)) * 255, sigma=(2, 2, 0))
+    world = (world - world.min()) / (world.max() - world.min()) * 255
+    pans = [(-5, 0)] * 5 + [(5, 0)] * 5 + [(0, -5)] * 5
+    centres = np.cumsum([(130, 130), *pans], axis=0)
+    turning = camera_frames(world, centres, np.ones(len(centres)))
+    walking = camera_frames(world, [(130, 130)] * 8, 1.06 ** np.arange(8))
+    for frames in (turning, walking):
+        frames[:, 22:29, 29:36] = (250, 30, 30)  # the avatar at the play area's centre
+    src = gameplay_store(tmp_path / "frames.zarr", [(turning, None), (walking, None)], truth=False)
+    assert "tile_px" not in EpisodeStore.open(src).attrs
+    metrics = run_gameplay(GameplayActionsConfig(), src, tmp_path / "actions.zarr", SMALL_STORE)
+    assert metrics["accuracy"] is None and metrics["transitions"] == 15 + 7
+    cls = EpisodeStore.open(tmp_path / "actions.zarr").array("action_class")[:]
+    np.testing.assert_array_equal(cls[:16], [1] * 5 + [2] * 5 + [3] * 5 + [-1])
+    np.testing.assert_array_equal(cls[16:], [0] * 7 + [-1])
 
 
 def test_gameplay_refuses_a_max_shift_beyond_the_play_area(tmp_path, crafter_episodes):
