@@ -64,6 +64,20 @@ def _tie_break(max_shift: int) -> np.ndarray:
     return 1e-9 * (r[:, None] ** 2 + r[None, :] ** 2)
 
 
+def _conj_times(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``conj(x) * y`` of complex arrays by real multiplies and adds, each rounded once.
+
+    NumPy's complex multiply runs other SIMD code on other CPUs (fused multiply-adds from AVX2 on:
+    other last bits), and the shifts picked from these spectra changed with it: the gameplay
+    actions store differed with NumPy's x86-64-v3 code turned off (NPY_DISABLE_CPU_FEATURES).
+    Real multiplies and adds are exact IEEE operations on every CPU."""
+    xr, xi, yr, yi = x.real, x.imag, y.real, y.imag
+    out = np.empty(np.broadcast_shapes(x.shape, y.shape), np.result_type(x, y))
+    out.real = xr * yr + xi * yi
+    out.imag = xr * yi - xi * yr
+    return out
+
+
 def _parabola(lo: np.ndarray, mid: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Offset of a parabola's vertex through (-1, lo), (0, mid), (1, hi), clipped to ±0.5."""
     den = lo - 2 * mid + hi
@@ -121,8 +135,8 @@ def phase_correlation(
         y = b[s : s + batch].astype(np.float64)
         fa = sfft.rfft2((x - x.mean(axis=(1, 2), keepdims=True)) * weight, workers=_WORKERS)
         fb = sfft.rfft2((y - y.mean(axis=(1, 2), keepdims=True)) * weight, workers=_WORKERS)
-        cross = fb * np.conj(fa)
-        cross /= np.abs(cross) + 1e-9
+        cross = _conj_times(fa, fb)
+        cross /= np.sqrt(cross.real * cross.real + cross.imag * cross.imag) + 1e-9  # not np.abs: see _conj_times
         corr = sfft.irfft2(cross, s=(h, w), workers=_WORKERS)
         surface = corr[:, rows][:, :, cols] - _tie_break(max_shift)
         out[s : s + batch] = _pick(surface, max_shift, subpixel)
@@ -146,7 +160,7 @@ def block_matching(
 
     def corr(fx: np.ndarray, fy: np.ndarray) -> np.ndarray:
         """c(s) = sum_p x(p) y(p + s), at the shifts within max_shift."""
-        c = sfft.irfft2(np.conj(fx) * fy, s=shape, workers=_WORKERS)
+        c = sfft.irfft2(_conj_times(fx, fy), s=shape, workers=_WORKERS)
         return c[..., rows, :][..., cols]
 
     m = np.ones((h, w)) if mask is None else mask.astype(np.float64)
@@ -278,7 +292,7 @@ def track_templates(
     def corr(x: np.ndarray, fy: np.ndarray) -> np.ndarray:
         """c(p) = sum_q x(q) y(p + q) for the top-left positions p keeping the box in the frame."""
         fx = sfft.rfft2(x, s=(h, w), workers=_WORKERS)
-        return sfft.irfft2(np.conj(fx) * fy, s=(h, w), workers=_WORKERS)[:, :ny, :nx]
+        return sfft.irfft2(_conj_times(fx, fy), s=(h, w), workers=_WORKERS)[:, :ny, :nx]
 
     for s in range(0, n, batch):
         f = frames[s : s + batch].astype(np.float32)

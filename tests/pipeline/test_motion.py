@@ -207,3 +207,30 @@ def test_tracker_stays_on_its_digit_through_an_overlap():
     tracked = motion.track_templates(gray, np.array([[0, 18]]), gray[:, 0, 18:46, 0:28], search=8)
     np.testing.assert_array_equal(tracked[0, :, 0], xs)
     np.testing.assert_array_equal(tracked[0, :, 1], 18)
+
+
+def test_estimates_are_the_same_bytes_on_other_cpu_code(tmp_path):
+    """Guards issue 18: NumPy's complex multiply runs other SIMD code on other CPUs (fused
+    multiply-adds from AVX2 on), so the sub-pixel shifts, and the gameplay actions store, differed
+    with NumPy's x86-64-v3 code turned off. Each estimator must give the same bytes in a fresh
+    process as on another CPU (tests.pipeline.test_video.run_fresh)."""
+    from tests.pipeline.test_video import run_fresh
+
+    rng = np.random.default_rng(1)
+    a = rng.random((64, 48, 48)).astype(np.float32)
+    b = np.roll(a, 2, axis=2)  # no shift in y: its sub-pixel offset is what is left of a cancellation
+    np.savez(tmp_path / "pairs.npz", a=a, b=b)
+    code = (
+        "import sys, numpy as np; from pipeline import motion\n"
+        "p = np.load(sys.argv[1]); a, b = p['a'], p['b']\n"
+        "np.savez(sys.argv[2], bm=motion.block_matching(a, b, max_shift=6, subpixel=True),\n"
+        "         pc=motion.phase_correlation(a, b, max_shift=6, subpixel=True))\n"
+    )
+    here = {
+        "bm": motion.block_matching(a, b, max_shift=6, subpixel=True),
+        "pc": motion.phase_correlation(a, b, max_shift=6, subpixel=True),
+    }
+    run_fresh(code, str(tmp_path / "pairs.npz"), str(tmp_path / "fresh.npz"))
+    fresh = np.load(tmp_path / "fresh.npz")
+    for name, value in here.items():
+        assert fresh[name].tobytes() == value.tobytes(), f"{name} differs on other CPU code"
