@@ -28,29 +28,13 @@ from typing import Callable
 import av
 import numpy as np
 
-from bench.common import report
+from bench.common import crafter_frames, report
 from pipeline.config import load_section
+from pipeline.frames import Config as FramesConfig
 from pipeline.store import EpisodeStoreWriter, StoreConfig
 from pipeline.video import decode_video, encode_video
-from stages.gameplay_frames import Config as FramesConfig
 
 GOAL = 0.8
-
-
-def crafter_frames(n: int, size: int, seed: int) -> np.ndarray:
-    """(n, size, size, 3) uint8 frames of a Crafter episode under random moves held 2-8 steps."""
-    import crafter
-
-    env = crafter.Env(size=(size, size), seed=seed)
-    rng = np.random.default_rng(seed)
-    frames, action, hold = [env.reset()], 0, 0
-    while len(frames) < n:
-        if hold == 0:
-            action, hold = int(rng.integers(1, 5)), int(rng.integers(2, 9))  # 1-4: moves
-        obs, _, done, _ = env.step(action)
-        frames.append(env.reset() if done else obs)
-        hold -= 1
-    return np.stack(frames)
 
 
 def downscale(frames: np.ndarray, size: int) -> np.ndarray:

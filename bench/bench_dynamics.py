@@ -4,9 +4,9 @@ Four sections, in one run (``--sections``, default all), per dataset (``--item``
 the family is the trained model's, else ``dynamics.<item>.family`` of params.yaml):
 
 - ``shortcut`` (flow models): the trained model of ``<data-root>/<item>/dynamics`` rolls out the
-  held-out sequences of the stage's evaluation (``stages.dynamics.held_out_sequences``,
+  held-out sequences of the stage's evaluation (``pipeline.dynamics.held_out_sequences``,
   ``eval.sweep_sequences`` of them, context and horizon as the model was evaluated) through
-  ``stages.dynamics.rollout_frames`` at K = 4 and K = k_max Euler steps per frame; seconds per
+  ``pipeline.dynamics.rollout_frames`` at K = 4 and K = k_max Euler steps per frame; seconds per
   generated frame (the rollout only, decoding not timed) and PSNR of the decoded frames against
   the true frames. ``speedup_4_vs_<k_max>`` (goal >= 10) and ``psnr_drop_4_vs_<k_max>`` (goal
   <= 0.5 dB). Needs the trained model: the benchmark never trains one, and exits with 2 when it
@@ -17,7 +17,7 @@ the family is the trained model's, else ``dynamics.<item>.family`` of params.yam
   token ids) with the largest difference.
 - ``train`` (either family; data only, no trained model needed): latent tokens/s (frames x patch
   tokens per frame) of the stage's own path, ``pipeline.train.train`` driving
-  ``stages.dynamics.loss_function`` over ``stages.dynamics.alternating_batches`` of the real
+  ``pipeline.dynamics.loss_function`` over ``pipeline.dynamics.alternating_batches`` of the real
   ``WindowDataset`` (``loader`` params), against a bare loop: forward + loss + backward + AdamW
   step of the same model (same seed) on the same batches held on the device (same shapes, the
   same long/short alternation, the same loss function and teacher). The stage path also does what
@@ -81,11 +81,11 @@ from pipeline.paths import (
     latents_store,
     tokenizer_dir,
 )
+from pipeline import dynamics as dyn
 from pipeline.reader import LoaderConfig, WindowDataset
 from pipeline.store import EpisodeStore
 from pipeline.train import resolve_device, train, use_bf16
 from pipeline.world import World, latent_norm
-from stages import dynamics as dyn
 
 SECTIONS = ("shortcut", "cache", "train", "gpu")
 SPEEDUP_GOAL = 10.0

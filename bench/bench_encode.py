@@ -23,28 +23,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from bench.common import report
+from bench.common import crafter_frames, report
 from pipeline import video
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def crafter_episode(size: int, steps: int, seed: int) -> np.ndarray:
-    """(steps + 1, size, size, 3) uint8 frames of a Crafter episode under random moves held 2-8 steps."""
-    import crafter
-
-    env = crafter.Env(size=(size, size), length=steps, seed=seed, reward=False)
-    rng = np.random.default_rng(seed)
-    frames, action, hold = [env.reset()], 0, 0
-    while len(frames) <= steps:
-        if hold == 0:
-            action, hold = int(rng.integers(1, 5)), int(rng.integers(2, 9))  # 1-4: moves
-        obs, _, done, _ = env.step(action)
-        frames.append(obs)
-        hold -= 1
-        if done:
-            break
-    return np.stack(frames)
 
 
 def main() -> None:
@@ -55,7 +37,7 @@ def main() -> None:
     cfg = yaml.safe_load((ROOT / "params.yaml").read_text())["gameplay_videos"]["crafter"]
 
     t0 = time.perf_counter()
-    episodes = [crafter_episode(cfg["size"], cfg["steps"], seed) for seed in range(args.episodes)]
+    episodes = [crafter_frames(cfg["steps"] + 1, cfg["size"], seed) for seed in range(args.episodes)]
     record_s = (time.perf_counter() - t0) / args.episodes
 
     variants = {"c": video.X264_PARAMS, "simd": video.X264_PARAMS.replace("asm=0:", "")}

@@ -4,7 +4,7 @@ A sharded episode store (the default ``store`` params) of gameplay-like 64x64x3 
 written with ``EpisodeStoreWriter``. For each tokenizer kind, built from the ``tokenizer.gameplay``
 params (untrained weights: the cost does not depend on them):
 
-- ``stage``: ``stages.latents.run`` end to end (chunk-aligned reads, encoding, writing the store);
+- ``stage``: ``pipeline.latents.run`` (what the stage runs) end to end (chunk-aligned reads, encoding, writing the store);
 - ``forward``: the baseline, ``model.encode`` on the same frames held in memory, in batches of the
   same size and the same windows, nothing read or written.
 
@@ -32,11 +32,11 @@ from bench.common import report
 from models.tokenizers import build_tokenizer, pixels, reconstruction_loss
 from pipeline.checkpoint import save_model
 from pipeline.config import load_section
+from pipeline import latents
 from pipeline.reader import LoaderConfig, WindowDataset
 from pipeline.store import EpisodeStoreWriter, StoreConfig
+from pipeline.tokenizer import Config, encode_window, model_config, train_config
 from pipeline.train import resolve_device, step_batches, train
-from stages import latents
-from stages.tokenizer import Config, encode_window, model_config, train_config
 
 GOAL = 0.8
 FRAME_SHAPE = (64, 64, 3)

@@ -6,6 +6,8 @@ import os
 import platform
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.atomic import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,3 +41,19 @@ def tree_cpu_seconds(pid: int | None = None) -> float:
     fields = stat.rsplit(")", 1)[1].split()
     own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
     return own + sum(tree_cpu_seconds(c) for c in children)
+
+
+def crafter_frames(n: int, size: int, seed: int) -> np.ndarray:
+    """(n, size, size, 3) uint8 frames of a Crafter episode under random moves held 2-8 steps."""
+    import crafter
+
+    env = crafter.Env(size=(size, size), seed=seed)
+    rng = np.random.default_rng(seed)
+    frames, action, hold = [env.reset()], 0, 0
+    while len(frames) < n:
+        if hold == 0:
+            action, hold = int(rng.integers(1, 5)), int(rng.integers(2, 9))  # 1-4: moves
+        obs, _, done, _ = env.step(action)
+        frames.append(env.reset() if done else obs)
+        hold -= 1
+    return np.stack(frames)

@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field, field_validator
 
 from pipeline.atomic import write_json
 from pipeline.cli import run_stage
-from pipeline.config import StrictModel, load_section
+from pipeline.config import load_section
 from pipeline.flows import run_tasks
+from pipeline.frames import Config
 from pipeline.manifest import one_line, read_manifest, sha256_file, write_manifest
 from pipeline.paths import GAMEPLAY_FRAMES_MANIFEST, GAMEPLAY_VIDEOS, VIDEOS_MANIFEST, frames_store, metrics_path
 from pipeline.store import EpisodeStoreWriter, StoreConfig
@@ -36,24 +36,6 @@ FRAMES_MANIFEST = GAMEPLAY_FRAMES_MANIFEST
 VIDEOS_DIR = GAMEPLAY_VIDEOS
 MANIFEST = VIDEOS_MANIFEST
 COLUMNS = ["name", "source", "status", "error", "duration", "frames", "bytes", "sha256"]
-
-
-class Config(StrictModel):
-    fps: float | None = Field(10, gt=0, description="output frame rate; null keeps every frame")
-    width: int = Field(64, gt=0)
-    height: int = Field(64, gt=0)
-    crop: tuple[int, int, int, int] | None = Field(None, description="[top, bottom, left, right] pixels")
-    threads: int = Field(2, ge=0, description="decoder threads per video (0: FFmpeg's choice)")
-    concurrency: int = Field(2, gt=0)
-    retries: int = Field(1, ge=0)
-    max_failed_fraction: float = Field(0.5, ge=0, le=1)
-
-    @field_validator("crop")
-    @classmethod
-    def _crop(cls, crop):
-        if crop is not None and min(crop) < 0:
-            raise ValueError(f"crop values must be >= 0, got {list(crop)}")
-        return crop
 
 
 def truth_path(video: Path) -> Path:

@@ -71,14 +71,14 @@ def lock_outs(repo: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> tuple[Path, dict]:
-    repo = tmp_path_factory.mktemp("dvcrepo")
+def make_repo(repo: Path, params: dict, **env: str) -> dict:
+    """A git + DVC repository at ``repo`` with the project's code, DAG and ``params``; returns the
+    environment its commands run in (this venv, MLflow in the repository, plus ``env``)."""
     for name in ("pipeline", "stages", "models"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
-    (repo / "params.yaml").write_text(yaml.safe_dump(shrunk_params(), sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / ".gitignore").write_text("/data/\n/mlflow.db\n__pycache__/\n")
     env = {
         **os.environ,
@@ -86,13 +86,18 @@ def repo(tmp_path_factory) -> tuple[Path, dict]:
         "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}",
         "PYTHONPATH": str(repo),
         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+        **env,
     }
-    run(["git", "init", "-q"], repo, env)
-    run(["dvc", "init", "-q"], repo, env)
-    run(["dvc", "config", "core.analytics", "false"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "init"], repo, env)
-    return repo, env
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        run(cmd, repo, env)
+    return env
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> tuple[Path, dict]:
+    repo = tmp_path_factory.mktemp("dvcrepo")
+    return repo, make_repo(repo, shrunk_params())
 
 
 @pytest.fixture(scope="module")

@@ -656,7 +656,7 @@ def test_time_shift_trains_the_positions_a_rollout_reaches(time_shift):
     """Windows of T frames train temporal positions 0..T-1 only; rollouts from C context frames
     reach C + horizon > T. With ``time_shift`` the stage's loss trains every position up to
     max_frames; without it the positions past the window get no gradient (the bug it fixes)."""
-    from stages.dynamics import Config, loss_function
+    from pipeline.dynamics import Config, loss_function
 
     torch.manual_seed(0)
     cfg = Config.model_validate({

@@ -97,7 +97,7 @@ def test_partial_block_keeps_the_fields_own_defaults():
 
 
 def test_tokenizer_partial_train_block_keeps_mae_defaults():
-    from stages.tokenizer import Config
+    from pipeline.tokenizer import Config
 
     cfg = Config.model_validate({"kind": "mae", "mae": {"train": {"steps": 100}}})
     assert cfg.mae.train.ema_decay == 0.995 and cfg.mae.train.steps == 100

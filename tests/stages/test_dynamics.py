@@ -16,6 +16,9 @@ import pytest
 import torch
 import yaml
 
+from pipeline import tokenizer as tokenizer_lib
+from pipeline import latents as latents_lib
+from pipeline import dynamics as dynamics_lib
 from pipeline.checkpoint import read_meta
 from pipeline.config import ParamsError
 from pipeline.evaluation import held_out_windows, horizon_errors, mean_frame
@@ -25,7 +28,6 @@ from pipeline.store import EpisodeStore, StoreConfig, write_episode_store
 from pipeline.train import TrainConfig
 from pipeline.world import World
 from stages import dynamics as stage
-from stages import latents as latents_stage
 from stages import tokenizer as tokenizer_stage
 
 TINY_STORE = StoreConfig(chunk_frames=4, shard_chunks=2, clevel=1)
@@ -119,14 +121,14 @@ def world_inputs(root: Path, dataset: str, tokenizer_kind: str) -> dict[str, Pat
     if not paths["frames"].exists():
         write_episode_store(paths["frames"], frames_eps, TINY_STORE, attrs)
         write_episode_store(paths["actions"], actions_eps, TINY_STORE, {"method": "truth"})
-    cfg = tokenizer_stage.Config.model_validate({"kind": tokenizer_kind, **TOKENIZER})
+    cfg = tokenizer_lib.Config.model_validate({"kind": tokenizer_kind, **TOKENIZER})
     tokenizer_stage.run(cfg, paths["frames"], paths["tokenizer"], root / "work-tokenizer", loader=NO_WORKERS)
-    latents_stage.run(latents_stage.Config(batch_frames=32, device="cpu"), paths["frames"], paths["tokenizer"],
+    latents_lib.run(latents_lib.Config(batch_frames=32, device="cpu"), paths["frames"], paths["tokenizer"],
                       paths["latents"], TINY_STORE)
     return paths
 
 
-def dynamics_config(family: str, action_input: str = "continuous", **over) -> stage.Config:
+def dynamics_config(family: str, action_input: str = "continuous", **over) -> dynamics_lib.Config:
     """Shrunk dynamics params: tiny models, a handful of steps, rollouts of 2 -> 2 frames."""
     base = {
         "family": family, "action_input": action_input, "window": 4, "stride": 2,
@@ -139,7 +141,7 @@ def dynamics_config(family: str, action_input: str = "continuous", **over) -> st
     }
     for key, value in over.items():
         base[key] = {**base[key], **value} if isinstance(value, dict) else value
-    return stage.Config.model_validate(base)
+    return dynamics_lib.Config.model_validate(base)
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -294,8 +296,8 @@ def test_saved_model_reproduces_the_reported_metrics(family, dataset, kind, acti
     world = World.load(out, paths["tokenizer"])
     lat, act, frames = (EpisodeStore.open(paths[k]) for k in ("latents", "actions", "frames"))
     val = np.array(world.meta["val_episodes"])
-    seqs = stage.held_out_sequences(cfg, lat, act, frames, val, cfg.eval.max_sequences)
-    again, again_rows, _ = stage.evaluate(world, cfg, seqs, mean_frame(frames, np.setdiff1d(np.arange(EPISODES), val)))
+    seqs = dynamics_lib.held_out_sequences(cfg, lat, act, frames, val, cfg.eval.max_sequences)
+    again, again_rows, _ = dynamics_lib.evaluate(world, cfg, seqs, mean_frame(frames, np.setdiff1d(np.arange(EPISODES), val)))
     for key in CONTRACT_KEYS + (("mse_expected", "mse_maskgit") if family == "masked" else ()):
         assert again[key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-7), key
     assert len(again_rows) == len(rows)
@@ -373,12 +375,12 @@ def test_alternating_batches_depend_on_the_step_only(inputs):
     """Long windows come at every ``long_every``-th step, ``long_window`` frames long; a run that
     starts (resumes) at any step gets exactly the batches an uninterrupted run gets there."""
     paths = inputs("gameplay", "cnn")
-    src = stage.sources(paths["latents"], paths["actions"], True)
+    src = dynamics_lib.sources(paths["latents"], paths["actions"], True)
     short = WindowDataset(src, 4, 1, np.arange(6), NO_WORKERS)
     long = WindowDataset(src, 7, 1, np.arange(6), NO_WORKERS)
     cfg = TrainConfig(steps=12, batch_size=3, warmup_steps=1, seed=3)
     every = 3
-    batches = stage.alternating_batches(short, long, cfg, every, 2, NO_WORKERS)
+    batches = dynamics_lib.alternating_batches(short, long, cfg, every, 2, NO_WORKERS)
     full = list(batches(0))
     assert len(full) == 12
     frames = [b[LATENTS_KEY].shape[1] for b in full]
@@ -397,23 +399,23 @@ def test_alternating_batches_depend_on_the_step_only(inputs):
 
 
 def test_long_steps_are_counted_from_the_step():
-    assert not any(stage.is_long_step(s, 0) for s in range(10))                 # long_every 0: never
-    assert [stage.is_long_step(s, 4) for s in range(8)] == [False, False, False, True] * 2
-    assert [stage.long_steps_before(s, 4) for s in (0, 3, 4, 7, 8)] == [0, 0, 1, 1, 2]
-    assert stage.long_steps_before(9, 0) == 0
+    assert not any(dynamics_lib.is_long_step(s, 0) for s in range(10))                 # long_every 0: never
+    assert [dynamics_lib.is_long_step(s, 4) for s in range(8)] == [False, False, False, True] * 2
+    assert [dynamics_lib.long_steps_before(s, 4) for s in (0, 3, 4, 7, 8)] == [0, 0, 1, 1, 2]
+    assert dynamics_lib.long_steps_before(9, 0) == 0
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 9])
 def test_derangement_has_no_fixed_point(n):
     for seed in range(20):
-        p = stage.derangement(n, np.random.default_rng(seed))
+        p = dynamics_lib.derangement(n, np.random.default_rng(seed))
         assert sorted(p.tolist()) == list(range(n)) and not np.any(p == np.arange(n)), (n, seed, p)
-    assert stage.derangement(n, np.random.default_rng(7)).tolist() == stage.derangement(n, np.random.default_rng(7)).tolist()
+    assert dynamics_lib.derangement(n, np.random.default_rng(7)).tolist() == dynamics_lib.derangement(n, np.random.default_rng(7)).tolist()
 
 
 def test_derangement_needs_two_sequences():
     with pytest.raises(ValueError, match="at least 2 held-out sequences"):
-        stage.derangement(1, np.random.default_rng(0))
+        dynamics_lib.derangement(1, np.random.default_rng(0))
 
 
 @pytest.mark.parametrize("eval_over,message", [
@@ -451,8 +453,8 @@ def test_step_sweep_times_are_the_median_of_interleaved_rounds(monkeypatch):
         calls.append(steps)
         return np.full((limit, 2, 2, 2, 3), 0.5, np.float32), timings[steps][calls.count(steps) - 1]
 
-    monkeypatch.setattr(stage, "rollout_frames", fake_rollout)
-    sweep = stage.step_sweep(None, cfg, {LATENTS_KEY: np.zeros((2, 4)), stage.FRAMES_KEY: target})
+    monkeypatch.setattr(dynamics_lib, "rollout_frames", fake_rollout)
+    sweep = dynamics_lib.step_sweep(None, cfg, {LATENTS_KEY: np.zeros((2, 4)), dynamics_lib.FRAMES_KEY: target})
     assert calls == [1, 2, 4] * 3
     assert {k: v["seconds_per_frame"] for k, v in sweep.items()} == {"1": 2.0, "2": 5.0, "4": 0.6}
     assert all(math.isfinite(v["psnr"]) for v in sweep.values())

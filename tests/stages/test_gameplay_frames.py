@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline import frames as frames_lib
 from pipeline.store import EpisodeStore, EpisodeStoreWriter, StoreConfig
 from stages import gameplay_frames as gf
 from stages import gameplay_videos as gv
@@ -17,8 +18,8 @@ from tests.conftest import marker_index
 STORE_CFG = StoreConfig(chunk_frames=8, shard_chunks=2)
 
 
-def frames_config(**over) -> gf.Config:
-    return gf.Config.model_validate({"fps": 10, "width": 16, "height": 16, "threads": 1, "retries": 0, **over})
+def frames_config(**over) -> frames_lib.Config:
+    return frames_lib.Config.model_validate({"fps": 10, "width": 16, "height": 16, "threads": 1, "retries": 0, **over})
 
 
 def cut_video(path: Path, seed: int) -> Path:

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from models.tokenizers import build_tokenizer, pixels
+from pipeline import latents as latents_lib
 from pipeline.checkpoint import CheckpointError, save_model
 from pipeline.store import EpisodeStore, StoreConfig, write_episode_store
 from stages import latents as stage
@@ -48,15 +49,15 @@ def saved_tokenizer(kind: str, path, window: int = 1):
 
 def test_window_bounds_restart_at_every_episode():
     ends = np.cumsum(LENGTHS)  # 5, 17, 20, 29
-    assert stage.window_bounds(ends, 1).tolist() == list(range(30))
-    assert stage.window_bounds(ends, 3).tolist() == [0, 3, 5, 8, 11, 14, 17, 20, 23, 26, 29]
+    assert latents_lib.window_bounds(ends, 1).tolist() == list(range(30))
+    assert latents_lib.window_bounds(ends, 3).tolist() == [0, 3, 5, 8, 11, 14, 17, 20, 23, 26, 29]
 
 
 @pytest.mark.parametrize("kind", ["quantize", "cnn"])
 def test_per_frame_latents_match_the_tokenizer(kind, frames, tmp_path):
     path, all_frames = frames
     model = saved_tokenizer(kind, tmp_path / "tok")
-    metrics = stage.run(stage.Config(batch_frames=6), path, tmp_path / "tok", tmp_path / "latents.zarr", TINY_STORE)
+    metrics = latents_lib.run(latents_lib.Config(batch_frames=6), path, tmp_path / "tok", tmp_path / "latents.zarr", TINY_STORE)
     assert metrics["frames"] == sum(LENGTHS) and metrics["episodes"] == 4 and metrics["frames_per_s"] > 0
     out = EpisodeStore.open(tmp_path / "latents.zarr")
     assert out.episode_ends.tolist() == np.cumsum(LENGTHS).tolist()
@@ -75,10 +76,10 @@ def test_per_frame_latents_match_the_tokenizer(kind, frames, tmp_path):
 def test_mae_latents_are_encoded_in_windows_from_each_episode_start(frames, tmp_path):
     path, all_frames = frames
     model = saved_tokenizer("mae", tmp_path / "tok", window=3)
-    stage.run(stage.Config(batch_frames=4), path, tmp_path / "tok", tmp_path / "latents.zarr", TINY_STORE)
+    latents_lib.run(latents_lib.Config(batch_frames=4), path, tmp_path / "tok", tmp_path / "latents.zarr", TINY_STORE)
     got = EpisodeStore.open(tmp_path / "latents.zarr").array("latents")[:]
     assert got.dtype == np.float16 and got.shape == (sum(LENGTHS), 4, 8)
-    bounds = stage.window_bounds(np.cumsum(LENGTHS), 3)
+    bounds = latents_lib.window_bounds(np.cumsum(LENGTHS), 3)
     with torch.no_grad():
         for a, b in zip(bounds, bounds[1:]):
             want = model.encode(pixels(torch.from_numpy(all_frames[a:b]))[None])[0].half().numpy()
@@ -89,17 +90,17 @@ def test_outputs_are_reproducible_and_refuse_mismatched_frames(frames, tmp_path)
     path, _ = frames
     saved_tokenizer("cnn", tmp_path / "tok")
     for name in ("a.zarr", "b.zarr"):
-        stage.run(stage.Config(batch_frames=8), path, tmp_path / "tok", tmp_path / name, TINY_STORE)
+        latents_lib.run(latents_lib.Config(batch_frames=8), path, tmp_path / "tok", tmp_path / name, TINY_STORE)
     a, b = EpisodeStore.open(tmp_path / "a.zarr"), EpisodeStore.open(tmp_path / "b.zarr")
     assert np.array_equal(a.array("latents")[:], b.array("latents")[:]) and a.attrs == b.attrs
 
     other = tmp_path / "small.zarr"
     write_episode_store(other, [{"frames": np.zeros((4, 8, 8, 3), np.uint8)}], TINY_STORE)
     with pytest.raises(ValueError, match=r"small.zarr: frames are \(8, 8, 3\) but the tokenizer .* \(16, 16, 3\)"):
-        stage.run(stage.Config(), other, tmp_path / "tok", tmp_path / "c.zarr", TINY_STORE)
+        latents_lib.run(latents_lib.Config(), other, tmp_path / "tok", tmp_path / "c.zarr", TINY_STORE)
     assert not (tmp_path / "c.zarr").exists()
     with pytest.raises(CheckpointError, match="no tokenizer model here"):
-        stage.run(stage.Config(), path, tmp_path / "missing", tmp_path / "c.zarr", TINY_STORE)
+        latents_lib.run(latents_lib.Config(), path, tmp_path / "missing", tmp_path / "c.zarr", TINY_STORE)
 
 
 def test_main_reads_params_and_writes_metrics(frames, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from pipeline.image_metrics import lpips_or_reason, psnr
 from pipeline.reader import LoaderConfig
 from pipeline.store import EpisodeStore, StoreConfig, write_episode_store
 from stages import tokenizer as stage
-from stages.tokenizer import Config
+from pipeline.tokenizer import Config
 
 TINY_STORE = StoreConfig(chunk_frames=4, shard_chunks=2, clevel=1)
 NO_WORKERS = LoaderConfig(num_workers=0)

@@ -12,10 +12,6 @@ known, so the actions store must recover it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +21,7 @@ from scipy import ndimage
 from pipeline import motion
 from pipeline.store import EpisodeStore
 from pipeline.video import encode_video
-from tests.test_dvc_pipeline import ROOT, SHRINK, deep_update, ran_stages, run
+from tests.test_dvc_pipeline import ROOT, deep_update, make_repo, ran_stages, run, shrunk_params
 
 pytestmark = pytest.mark.slow
 
@@ -93,13 +89,7 @@ def test_downloaded_videos_get_actions_with_the_default_params(tmp_path, http_se
         encode_video(camera_video(i, path), http_server.root / f"{name}.mp4", fps=10, crf=18)
     urls = [http_server.url(f"{name}.mp4") for name in PATHS]
 
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("pipeline", "stages", "models"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
-    params = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), SHRINK)
+    params = shrunk_params()
     deep_update(params["gameplay_videos"], {
         "source": "urls",
         "urls": {"list": urls, "allowed_schemes": ["http"], "allowed_hosts": ["127.0.0.1"],
@@ -107,18 +97,9 @@ def test_downloaded_videos_get_actions_with_the_default_params(tmp_path, http_se
     })
     default_actions = yaml.safe_load((ROOT / "params.yaml").read_text())["actions"]["gameplay"]
     assert params["actions"]["gameplay"] == default_actions and default_actions["tile_px"] == "auto"
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (repo / ".gitignore").write_text("/data/\n/mlflow.db\n__pycache__/\n")
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}", "PYTHONPATH": str(repo),
-        **prefect_api_url(),
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        run(cmd, repo, env)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = make_repo(repo, params, **prefect_api_url())
 
     proc = run(["dvc", "repro", "actions@gameplay"], repo, env)
     assert ran_stages(proc.stdout) == ["actions@gameplay", "gameplay_frames", "gameplay_videos"], proc.stdout
