@@ -1,12 +1,10 @@
 """The world models' library: the ``dynamics`` params, building a model from them and the tokenizer's
-metadata, its training data (sources, alternating short and long windows) and loss, and its
-held-out evaluation (rollouts, baselines, the sampling-steps sweep). The stage ``dynamics``
-(``stages/dynamics.py``) trains and writes with it; ``bench/bench_dynamics.py`` measures it.
+metadata, its training data (sources, alternating short and long windows) and loss. The stage
+``dynamics`` (``stages/dynamics.py``) trains and writes with it; the ``evaluate`` stage measures the
+model (``pipeline/rollouts.py``); ``bench/bench_dynamics.py`` times it.
 """
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -17,18 +15,15 @@ from pydantic import Field, model_validator
 from models import flow_dynamics, masked_dynamics
 from models.common import frame_actions
 from pipeline.config import ParamsError, StrictModel
-from pipeline.evaluation import held_out_windows, horizon_errors
-from pipeline.image_metrics import image_grid
-from pipeline.paths import ACTION_CLASS_KEY, ACTIONS_KEY, FRAMES_KEY, LATENTS_KEY, VALID_KEY
+from pipeline.paths import ACTION_CLASS_KEY, ACTIONS_KEY, LATENTS_KEY, VALID_KEY
 from pipeline.reader import LoaderConfig, WindowDataset, make_loader
 from pipeline.store import EpisodeStore
 from pipeline.train import StepOrder, TrainConfig
-from pipeline.world import World, action_inputs, flow_grid, to_model_layout
+from pipeline.world import action_inputs, flow_grid, to_model_layout
 
 
 # facts of one run, left out of dynamics.json (byte-reproducible, also when a killed run resumed)
-RUN_FACTS = ("train_seconds", "steps_per_s", "resumed_from_step", "eval_seconds", "rollout_seconds_per_frame",
-             "speedup_4_vs_64", "sweep")
+RUN_FACTS = ("train_seconds", "steps_per_s", "resumed_from_step")
 
 
 # -- params --------------------------------------------------------------------------------------
@@ -111,16 +106,6 @@ class FlowParams(StrictModel):
         return self
 
 
-class EvalParams(StrictModel):
-    context_frames: int = Field(10, gt=0, description="C true frames the rollouts start from")
-    horizon: int = Field(10, gt=0, description="frames predicted after the context")
-    max_sequences: int = Field(64, gt=0, description="held-out windows of C + horizon frames measured")
-    batch_size: int = Field(32, gt=0, description="sequences rolled out at once")
-    sweep_sequences: int = Field(16, gt=0, description="flow: sequences of the K = 1 .. k_max sweep")
-    sweep_rounds: int = Field(3, gt=0, description="flow: timed rounds of the sweep (median seconds per frame)")
-    seed: int = Field(0, ge=0)
-
-
 class Config(StrictModel):
     """One dataset's block of the ``dynamics`` section of params.yaml."""
 
@@ -131,9 +116,11 @@ class Config(StrictModel):
     stride: int = Field(1, gt=0, description="frames between training windows of an episode")
     masked: MaskedParams = MaskedParams()
     flow: FlowParams = FlowParams()
+    max_frames: int | None = Field(None, gt=1, description="temporal positions of the model: the most frames a "
+                                   "rollout keeps in view (context + horizon; flow slides past it, masked cannot); "
+                                   "null: the longest training window")
     train: TrainConfig = TrainConfig(steps=400, batch_size=16, lr=1e-3, warmup_steps=40, ema_decay=0.99,
-                                     eval_every=100, ckpt_every=50)
-    eval: EvalParams = EvalParams()
+                                     ckpt_every=50)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
@@ -142,12 +129,22 @@ class Config(StrictModel):
         if self.family == "masked" and self.masked.ego_copy and self.action_input != "continuous":
             raise ValueError(f"masked.ego_copy moves tokens by continuous [dx, dy] actions, but action_input is "
                              f"{self.action_input!r}; set action_input: continuous or masked.ego_copy: false")
+        if self.max_frames is not None and self.max_frames < self.longest_window:
+            raise ValueError(f"max_frames ({self.max_frames}) is shorter than the longest training window "
+                             f"({self.longest_window})")
+        if self.train.eval_every is not None:
+            raise ValueError("train.eval_every does nothing here: the dynamics stage trains only (the evaluate "
+                             "stage measures the model); remove it")
         return self
 
     @property
-    def max_frames(self) -> int:
-        longest = self.flow.long_window if self.family == "flow" and self.flow.long_every else self.window
-        return max(longest, self.eval.context_frames + self.eval.horizon)
+    def longest_window(self) -> int:
+        return self.flow.long_window if self.family == "flow" and self.flow.long_every else self.window
+
+    @property
+    def positions(self) -> int:
+        """The model's ``max_frames``."""
+        return self.max_frames or self.longest_window
 
 
 # -- building ------------------------------------------------------------------------------------
@@ -164,11 +161,11 @@ def model_config(cfg: Config, tok_meta: dict, n_classes: int = 5, action_scale: 
         p = cfg.masked
         size, levels = tok_meta["config"]["size"], tok_meta["config"]["levels"]
         return {"grid": size, "levels": levels, "patch": p.patch, "token_dim": p.token_dim, "dim": p.dim,
-                "heads": p.heads, "depth": p.depth, "mlp_ratio": p.mlp_ratio, "max_frames": cfg.max_frames,
+                "heads": p.heads, "depth": p.depth, "mlp_ratio": p.mlp_ratio, "max_frames": cfg.positions,
                 "motion_radius": p.motion_radius, "ego_copy": p.ego_copy, **actions}
     p = cfg.flow
     return {"latent_shape": list(flow_grid(tok_meta["latent_shape"])), "patch": p.patch, "dim": p.dim,
-            "heads": p.heads, "depth": p.depth, "mlp_ratio": p.mlp_ratio, "max_frames": cfg.max_frames,
+            "heads": p.heads, "depth": p.depth, "mlp_ratio": p.mlp_ratio, "max_frames": cfg.positions,
             "k_max": p.k_max, "residual": p.residual, "camera_warp": p.camera_warp, "class_motion": class_motion,
             **actions}
 
@@ -300,117 +297,3 @@ def loss_function(cfg: Config, mask_id: int | None, norm: dict | None = None):
 
     return flow_loss_fn
 
-
-# -- evaluation ----------------------------------------------------------------------------------
-
-
-def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
-    """A permutation of 0..n-1 with no fixed point (n >= 2), seeded."""
-    if n < 2:
-        raise ValueError("shuffling actions across sequences needs at least 2 held-out sequences")
-    while True:
-        p = rng.permutation(n)
-        if not np.any(p == np.arange(n)):
-            return p
-
-
-def held_out_sequences(cfg: Config, lat: EpisodeStore, act: EpisodeStore, frames: EpisodeStore,
-                       val_ids: np.ndarray, n: int) -> dict[str, np.ndarray]:
-    """Up to ``n`` non-overlapping held-out windows of C + horizon frames: latents, actions,
-    valid, action_class (when present) and the true frames."""
-    length = cfg.eval.context_frames + cfg.eval.horizon
-    latents, rows = held_out_windows(lat, val_ids, length, n * length, key=LATENTS_KEY)
-    out = {LATENTS_KEY: latents}
-    for key in (ACTIONS_KEY, VALID_KEY, ACTION_CLASS_KEY):
-        if key in act.keys:
-            arr = act.array(key)
-            out[key] = np.stack([arr[int(a) : int(b)] for a, b in rows])
-    arr = frames.array(FRAMES_KEY)
-    out[FRAMES_KEY] = np.stack([arr[int(a) : int(b)] for a, b in rows])
-    return out
-
-
-def rollout_frames(world: World, seqs: dict[str, np.ndarray], cfg: Config, actions_perm: np.ndarray | None = None,
-                   steps: int | None = None, limit: int | None = None, decode: str | None = None
-                   ) -> tuple[np.ndarray, float]:
-    """Decoded rollouts (N, horizon, H, W, C) in [0, 1] and the seconds per generated frame.
-
-    ``actions_perm``: take sequence i's actions from sequence ``actions_perm[i]`` (shuffled control);
-    ``decode``: the masked family's decode, when not the model's own."""
-    c, h = cfg.eval.context_frames, cfg.eval.horizon
-    n = len(seqs[LATENTS_KEY]) if limit is None else min(limit, len(seqs[LATENTS_KEY]))
-    order = np.arange(n) if actions_perm is None else actions_perm[:n]
-    gen = torch.Generator(device=world.device).manual_seed(cfg.eval.seed)
-    out, seconds = [], 0.0
-    for s in range(0, n, cfg.eval.batch_size):
-        idx = np.arange(s, min(n, s + cfg.eval.batch_size))
-        context = world.latents(seqs[LATENTS_KEY][idx, :c])
-        classes = seqs.get(ACTION_CLASS_KEY)
-        acts, valid = world.actions(seqs[ACTIONS_KEY][order[idx]], None if classes is None else classes[order[idx]],
-                                    seqs[VALID_KEY][order[idx]])
-        t0 = time.perf_counter()
-        z = world.rollout(context, acts, valid, h, steps=steps, generator=gen, decode=decode)
-        seconds += time.perf_counter() - t0
-        out.append(world.decode(z))
-    return np.concatenate(out), seconds / (n * h)
-
-
-def evaluate(world: World, cfg: Config, seqs: dict[str, np.ndarray], mean: np.ndarray) -> tuple[dict, list[dict], np.ndarray]:
-    """The metrics, per-horizon rows and an image grid of held-out rollouts."""
-    c, h = cfg.eval.context_frames, cfg.eval.horizon
-    truth = seqs[FRAMES_KEY].astype(np.float32) / 255
-    target = truth[:, c:]
-    pred, sec_per_frame = rollout_frames(world, seqs, cfg)
-    perm = derangement(len(target), np.random.default_rng(cfg.eval.seed))
-    shuffled, _ = rollout_frames(world, seqs, cfg, actions_perm=perm)
-    recon = world.decode(world.latents(seqs[LATENTS_KEY]))[:, c:]
-    curves = {
-        "": horizon_errors(pred, target),
-        "_copy_last": horizon_errors(np.repeat(truth[:, c - 1 : c], h, axis=1), target),
-        "_mean_frame": horizon_errors(np.broadcast_to(mean, target.shape).copy(), target),
-        "_shuffled_actions": horizon_errors(shuffled, target),
-        "_tokenizer": horizon_errors(recon, target),
-    }
-    metrics: dict = {"eval_sequences": int(len(target)), "context_frames": c, "horizon": h,
-                     "rollout_seconds_per_frame": sec_per_frame}
-    for suffix, e in curves.items():
-        metrics[f"mse{suffix}"] = float(e["mse"].mean())
-        metrics[f"psnr{suffix}"] = float(e["psnr"].mean())
-        metrics[f"mse_frame_sum{suffix}"] = float(e["mse_frame_sum"].mean())
-    if world.family == "masked":  # the other decode beside the model's own, on the same sequences
-        own = world.meta["sample"].get("decode", "maskgit")
-        other = "expected" if own == "maskgit" else "maskgit"
-        e = horizon_errors(rollout_frames(world, seqs, cfg, decode=other)[0], target)
-        metrics[f"mse_{own}"], metrics[f"psnr_{own}"] = metrics["mse"], metrics["psnr"]
-        metrics[f"mse_{other}"], metrics[f"psnr_{other}"] = float(e["mse"].mean()), float(e["psnr"].mean())
-    metrics["mse_gain_vs_copy_last"] = 1 - metrics["mse"] / metrics["mse_copy_last"]
-    metrics["mse_gain_vs_mean_frame"] = 1 - metrics["mse"] / metrics["mse_mean_frame"]
-    metrics["action_gap"] = metrics["mse_shuffled_actions"] - metrics["mse"]
-    rows = [{"horizon": k + 1, **{f"mse{s}": float(e["mse"][k]) for s, e in curves.items()},
-             **{f"psnr{s}": float(e["psnr"][k]) for s, e in curves.items()}} for k in range(h)]
-    show = slice(0, min(4, len(target)))
-    grid = image_grid([x for i in range(show.stop) for x in (truth[i], np.concatenate([truth[i, :c], pred[i]]))],
-                      n=c + h)
-    return metrics, rows, grid
-
-
-def step_sweep(world: World, cfg: Config, seqs: dict[str, np.ndarray]) -> dict:
-    """Flow: PSNR and seconds per frame at K = 1, 2, 4, ..., k_max, on ``sweep_sequences`` sequences;
-    the seconds are the median of ``sweep_rounds`` rounds, interleaved over K (the same frames
-    each round: the rollouts are seeded), so that a busy moment does not land on one K alone."""
-    c = cfg.eval.context_frames
-    n = min(cfg.eval.sweep_sequences, len(seqs[LATENTS_KEY]))
-    target = seqs[FRAMES_KEY][:n, c:].astype(np.float32) / 255
-    ks = [2**i for i in range(int(math.log2(cfg.flow.k_max)) + 1)]
-    psnr: dict[int, float] = {}
-    seconds: dict[int, list[float]] = {k: [] for k in ks}
-    for r in range(cfg.eval.sweep_rounds):
-        for k in ks:
-            pred, sec = rollout_frames(world, seqs, cfg, steps=k, limit=n)
-            if r == 0:
-                psnr[k] = float(horizon_errors(pred, target)["psnr"].mean())
-            seconds[k].append(sec)
-    return {str(k): {"psnr": psnr[k], "seconds_per_frame": float(np.median(seconds[k]))} for k in ks}
-
-
-# -- the stage -----------------------------------------------------------------------------------

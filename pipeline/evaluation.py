@@ -48,6 +48,68 @@ def held_out_split(n_episodes: int, val_episodes: list[int] | np.ndarray, where:
     return train, val
 
 
+def split_held_out(held_out: np.ndarray, test_fraction: float, seed: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(validation ids, test ids): the held-out episodes split once more, seeded, so that choices
+    are made on validation episodes and figures reported on test episodes. ``round(n *
+    test_fraction)`` episodes (at least 1, at most n - 1) are test episodes."""
+    held = np.asarray(sorted(int(v) for v in held_out), dtype=np.int64)
+    if len(held) < 2:
+        raise ValueError(f"{where}: {len(held)} held-out episode; a validation and a test split need at least 2 "
+                         f"(raise the tokenizer's eval.val_fraction)")
+    n_test = min(len(held) - 1, max(1, int(round(len(held) * test_fraction))))
+    order = np.random.default_rng(seed).permutation(len(held))
+    return np.sort(held[order[n_test:]]), np.sort(held[order[:n_test]])
+
+
+def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of 0..n-1 with no fixed point (n >= 2), seeded: sequence i takes the actions of
+    sequence ``p[i]``, never its own."""
+    if n < 2:
+        raise ValueError("deranging actions across sequences needs at least 2 sequences")
+    while True:
+        p = rng.permutation(n)
+        if not np.any(p == np.arange(n)):
+            return p
+
+
+# -- intervals -----------------------------------------------------------------------------------
+
+
+def episode_resamples(groups: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-episode bootstrap: ``(counts (n_boot, G), group index (N,))``: how often each of the G
+    episodes of ``groups`` (N,) (the episode of each measured item) is drawn in each resample of G
+    episodes with replacement. Items of one episode are correlated (overlapping windows, one
+    scene), so episodes, not items, are what is resampled."""
+    uniq, index = np.unique(np.asarray(groups), return_inverse=True)
+    g = len(uniq)
+    picks = np.random.default_rng(seed).integers(0, g, size=(n_boot, g))
+    counts = np.zeros((n_boot, g), dtype=np.float64)
+    np.add.at(counts, (np.repeat(np.arange(n_boot), g), picks.reshape(-1)), 1.0)
+    return counts, index
+
+
+def resampled_sums(values: np.ndarray, index: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sums and item counts of ``values`` (N, ...) (NaN: not measured) in each resample:
+    ``(sums (n_boot, ...), n (n_boot, ...))``; their ratio is the resampled mean."""
+    v = np.asarray(values, dtype=np.float64)
+    ok = ~np.isnan(v)
+    g = counts.shape[1]
+    per_sum = np.zeros((g, *v.shape[1:]))
+    per_n = np.zeros((g, *v.shape[1:]))
+    np.add.at(per_sum, index, np.where(ok, v, 0.0))
+    np.add.at(per_n, index, ok.astype(np.float64))
+    flat = counts @ per_sum.reshape(g, -1), counts @ per_n.reshape(g, -1)
+    return flat[0].reshape(-1, *v.shape[1:]), flat[1].reshape(-1, *v.shape[1:])
+
+
+def interval(samples: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """The percentile interval of bootstrap ``samples`` (n_boot, ...) (NaN resamples ignored)."""
+    lo = (1 - level) / 2 * 100
+    with np.errstate(all="ignore"):
+        low, high = np.nanpercentile(samples, [lo, 100 - lo], axis=0)
+    return low, high
+
+
 # -- data ----------------------------------------------------------------------------------------
 
 

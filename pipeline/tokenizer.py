@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config import StrictModel
 from pipeline.train import TrainConfig
@@ -71,6 +71,13 @@ class Config(StrictModel):
     mae: MAEParams = MAEParams()
     eval: EvalParams = EvalParams()
     health: HealthParams = HealthParams()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.kind == "quantize" and self.lpips_weight > 0:
+            raise ValueError(f"lpips_weight ({self.lpips_weight}) does nothing for kind 'quantize' (it trains "
+                             f"nothing); set it to 0 or choose kind cnn or mae")
+        return self
 
 
 # -- building --------------------------------------------------------------------------------

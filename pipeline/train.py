@@ -71,7 +71,8 @@ class TrainConfig(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null: no clipping")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the weights; null: off")
     log_every: int = Field(25, gt=0)
-    eval_every: int = Field(250, gt=0)
+    eval_every: int | None = Field(None, gt=0, description="evaluations during training, for a stage that has "
+                                   "them (the tokenizer's collapse guard); null: at the end only")
     ckpt_every: int = Field(250, gt=0)
     seed: int = Field(0, ge=0)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
@@ -456,7 +457,7 @@ def train(
                 trainer.log_row(losses, grad_norms, parts)
                 bar.set_postfix(loss=f"{np.mean(losses):.4g}", lr=f"{p['lr']:.2e}")
                 losses, grad_norms, parts = [], [], []
-            if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                 trainer.evaluate(evaluate)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 trainer.save()

@@ -139,12 +139,18 @@ def to_model_layout(stored: np.ndarray | torch.Tensor, family: str, device: torc
     z = torch.as_tensor(np.asarray(stored) if not isinstance(stored, torch.Tensor) else stored, device=device)
     if family == "masked":
         return z.long()
-    z = z.float()
+    z = grid_layout(z.float())
+    if norm is not None:
+        z = (z - z.new_tensor(norm["mean"])) / z.new_tensor(norm["std"])
+    return z
+
+
+def grid_layout(z: torch.Tensor) -> torch.Tensor:
+    """Continuous latents (B, T, *latent_shape) on a grid (B, T, H, W, C): a cnn grid as is, an
+    MAE tokenizer's (N, D) tokens per frame on a sqrt(N) x sqrt(N) grid (``flow_grid``)."""
     if z.ndim == 4:  # MAE tokens (B, T, N, D)
         h, w, c = flow_grid(z.shape[2:])
         z = z.reshape(*z.shape[:2], h, w, c)
-    if norm is not None:
-        z = (z - z.new_tensor(norm["mean"])) / z.new_tensor(norm["std"])
     return z
 
 

@@ -19,19 +19,14 @@ Data: windows of ``data/<ds>/latents.zarr`` (``latents``) and ``data/<ds>/action
 episodes, read through ``pipeline/reader.py``; trained with the shared loop (``pipeline/train.py``:
 resume, EMA, checkpoints, MLflow, tqdm). Actions condition frames as ``models.common.frame_actions``
 defines: frame t+1 is predicted from frames <= t and the actions up to t. The held-out episodes are
-the tokenizer's (``tokenizer.json`` ``val_episodes``), so no model of the evaluation has seen them.
+the tokenizer's (``tokenizer.json`` ``val_episodes``): no training window comes from them.
 
-Evaluation (held-out episodes, in frame space through the tokenizer's decoder): rollouts of
-``eval.horizon`` frames from ``eval.context_frames`` context frames, MSE and PSNR per horizon
-against the true frames, beside copying the last context frame, the mean training frame and the
-tokenizer's own reconstruction (the ceiling); the same rollouts with the actions shuffled across
-held-out sequences (the action-sensitivity gap); for ``flow`` quality and time at K = 1, 2, 4, ...,
-k_max steps per frame; for ``masked`` the MSE and PSNR of both decodes (``mse_maskgit``,
-``mse_expected``; ``mse`` is the configured one's).
+This stage trains only; the ``evaluate`` stage rolls the model out and scores it.
 
 Outputs: ``data/<ds>/dynamics/`` (``model.pt``, ``dynamics.json``: family, config, tokenizer kind,
-action input, sampling settings, held-out episodes, metrics), ``metrics/dynamics-<ds>.json`` and
-``plots/dynamics-<ds>.json`` (per-horizon rows).
+action input, sampling settings, held-out episodes, the initialisation seed, training health),
+``metrics/dynamics-<ds>.json`` (training health: ``final_loss``, ``steps_per_s``, ``train_seconds``)
+and ``plots/dynamics-<ds>.json`` (the training loss per logged step).
 """
 from __future__ import annotations
 
@@ -55,11 +50,8 @@ from pipeline.dynamics import (
     sources,
     alternating_batches,
     loss_function,
-    held_out_sequences,
-    evaluate,
-    step_sweep,
 )
-from pipeline.evaluation import held_out_split, mean_frame, store_fingerprint
+from pipeline.evaluation import held_out_split, store_fingerprint
 from pipeline.paths import (
     ACTION_CLASS_KEY,
     DATASETS,
@@ -67,7 +59,6 @@ from pipeline.paths import (
     actions_store,
     checkpoint_dir,
     dynamics_dir,
-    frames_store,
     latents_store,
     metrics_path,
     tokenizer_dir,
@@ -76,7 +67,7 @@ from pipeline.reader import LoaderConfig, WindowDataset
 from pipeline.store import EpisodeStore
 from pipeline.tracking import stage_run
 from pipeline.train import clear_checkpoint, resolve_device, train
-from pipeline.world import World, check_family, latent_norm
+from pipeline.world import check_family, latent_norm
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +75,8 @@ log = logging.getLogger(__name__)
 def run(cfg: Config, item_paths: dict[str, Path], out_dir: Path | str, work_dir: Path | str, *,
         where: str = "dynamics", tokenizer_key: str = "tokenizer.kind", loader: LoaderConfig | None = None,
         tracker=None) -> tuple[dict, list[dict]]:
-    """Train the dynamics model on ``item_paths`` (``latents``, ``actions``, ``frames``,
-    ``tokenizer``), evaluate it on the held-out episodes, save it to ``out_dir``.
-    Returns (metrics, per-horizon rows)."""
+    """Train the dynamics model on ``item_paths`` (``latents``, ``actions``, ``tokenizer``), save it
+    to ``out_dir``. Returns (training health, the loss per logged step)."""
     tok_meta = read_meta(item_paths["tokenizer"], "tokenizer")
     try:
         check_family(cfg.family, tok_meta["kind"], f"{where}.family", tokenizer_key)
@@ -94,28 +84,17 @@ def run(cfg: Config, item_paths: dict[str, Path], out_dir: Path | str, work_dir:
         raise ParamsError(str(exc)) from None
     lat = EpisodeStore.open(item_paths["latents"])
     act = EpisodeStore.open(item_paths["actions"])
-    frames = EpisodeStore.open(item_paths["frames"])
     if cfg.action_input == "discrete" and ACTION_CLASS_KEY not in act.keys:
         raise ParamsError(f"{where}.action_input is 'discrete' but {item_paths['actions']} has no "
                           f"'{ACTION_CLASS_KEY}' (only gameplay has discrete actions); use 'continuous'")
-    for other in (act, frames):
-        if not np.array_equal(other.episode_ends, lat.episode_ends):
-            raise ValueError(f"{other.path}: episodes differ from {lat.path}; rerun the stages that write them")
+    if not np.array_equal(act.episode_ends, lat.episode_ends):
+        raise ValueError(f"{act.path}: episodes differ from {lat.path}; rerun the stages that write them")
     train_ids, val_ids = held_out_split(lat.n_episodes, tok_meta["val_episodes"], f"{item_paths['tokenizer']}")
-    try:  # the held-out rollouts must be possible before any training
-        seqs = held_out_sequences(cfg, lat, act, frames, val_ids, cfg.eval.max_sequences)
-    except ValueError as exc:
-        raise ParamsError(f"{where}.eval: {exc} (context_frames + horizon = "
-                          f"{cfg.eval.context_frames + cfg.eval.horizon})") from None
-    if len(seqs[LATENTS_KEY]) < 2:
-        raise ParamsError(f"{where}.eval: {len(seqs[LATENTS_KEY])} held-out sequence of "
-                          f"{cfg.eval.context_frames + cfg.eval.horizon} frames; the shuffled-actions control "
-                          f"needs at least 2 (raise max_sequences, or shorten context_frames + horizon)")
     is_train = lat.frames_of(train_ids)  # per frame
     model_cfg = model_config_from_data(cfg, tok_meta, act, is_train)
     train_cfg = cfg.train
     device = resolve_device(train_cfg.device)
-    torch.manual_seed(train_cfg.seed)
+    torch.manual_seed(train_cfg.seed)  # the evaluate stage's prior-only model starts from the same weights
     model = build(cfg, tok_meta, where, model_cfg).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s: %s model, %.2fM parameters, %d train / %d held-out episodes", where, cfg.family, n_params / 1e6,
@@ -145,45 +124,23 @@ def run(cfg: Config, item_paths: dict[str, Path], out_dir: Path | str, work_dir:
     train_seconds = time.perf_counter() - t0
     done = result.step - result.resumed_from
     model = result.model.eval()
-
-    meta = {"tokenizer_kind": tok_meta["kind"], "action_input": cfg.action_input, "sample": sample_settings(cfg),
-            "context_frames": cfg.eval.context_frames, "horizon": cfg.eval.horizon,
-            "val_episodes": val_ids.tolist(), "latent_shape": tok_meta["latent_shape"], "latent_norm": norm}
-    world = World(model, {"kind": cfg.family, **meta}, *_tokenizer(item_paths["tokenizer"], device), device)
-    t1 = time.perf_counter()
-    metrics, rows, grid = evaluate(world, cfg, seqs, mean_frame(frames, train_ids))
-    if cfg.family == "flow":
-        sweep = step_sweep(world, cfg, seqs)
-        metrics["sweep"] = sweep
-        k4, k64 = sweep.get("4"), sweep.get(str(cfg.flow.k_max))
-        if k4 and k64:
-            metrics["speedup_4_vs_64"] = k64["seconds_per_frame"] / max(k4["seconds_per_frame"], 1e-12)
-            metrics["psnr_drop_4_vs_64"] = k64["psnr"] - k4["psnr"]
-    metrics.update(
-        family=cfg.family, tokenizer_kind=tok_meta["kind"], action_input=cfg.action_input, n_params=int(n_params),
-        train_steps=result.step, train_seconds=train_seconds, steps_per_s=done / max(train_seconds, 1e-9),
-        final_loss=result.history[-1]["loss"] if result.history else None, eval_seconds=time.perf_counter() - t1,
-        train_episodes=int(len(train_ids)), val_episodes=int(len(val_ids)),
-    )
+    losses = [{"step": int(r["step"]), "loss": float(r["loss"])} for r in result.history]
+    metrics = {
+        "family": cfg.family, "tokenizer_kind": tok_meta["kind"], "action_input": cfg.action_input,
+        "n_params": int(n_params), "train_steps": result.step, "train_seconds": train_seconds,
+        "steps_per_s": done / max(train_seconds, 1e-9), "final_loss": losses[-1]["loss"] if losses else None,
+        "train_episodes": int(len(train_ids)), "val_episodes": int(len(val_ids)),
+    }
     if result.resumed_from:
         metrics["resumed_from_step"] = result.resumed_from
-    log.info("%s: held-out mse %.5f (copy-last %.5f, mean frame %.5f, shuffled actions %.5f), psnr %.2f dB "
-             "(tokenizer %.2f)", where, metrics["mse"], metrics["mse_copy_last"], metrics["mse_mean_frame"],
-             metrics["mse_shuffled_actions"], metrics["psnr"], metrics["psnr_tokenizer"])
-    if tracker is not None:
-        tracker.log_image(grid, "rollouts/held_out.png")
-        for row in rows:
-            tracker.log_metrics({f"horizon/{k}": v for k, v in row.items() if k != "horizon"}, step=row["horizon"])
-    save_model(model, "dynamics", cfg.family, {**meta, "metrics": {k: v for k, v in metrics.items() if k not in RUN_FACTS}},
-               Path(out_dir))
+    log.info("%s: final loss %s after %d steps (%.1f steps/s)", where, metrics["final_loss"], result.step,
+             metrics["steps_per_s"])
+    meta = {"tokenizer_kind": tok_meta["kind"], "action_input": cfg.action_input, "sample": sample_settings(cfg),
+            "val_episodes": val_ids.tolist(), "latent_shape": tok_meta["latent_shape"], "latent_norm": norm,
+            "init_seed": train_cfg.seed, "metrics": {k: v for k, v in metrics.items() if k not in RUN_FACTS}}
+    save_model(model, "dynamics", cfg.family, meta, Path(out_dir))
     clear_checkpoint(work_dir)
-    return metrics, rows
-
-
-def _tokenizer(path: Path, device: torch.device):
-    from pipeline.checkpoint import load_model
-
-    return load_model(path, "tokenizer", device)
+    return metrics, losses
 
 
 def params_for(item: str) -> tuple[Config, str]:
@@ -207,14 +164,13 @@ class _TokenizerKind(StrictModel):
 def main(item: str) -> None:
     cfg, _ = params_for(item)
     loader = load_section("loader", LoaderConfig)
-    paths = {"latents": latents_store(item), "actions": actions_store(item), "frames": frames_store(item),
-             "tokenizer": tokenizer_dir(item)}
+    paths = {"latents": latents_store(item), "actions": actions_store(item), "tokenizer": tokenizer_dir(item)}
     with stage_run("dynamics", item, cfg) as r:
         metrics, rows = run(cfg, paths, dynamics_dir(item), checkpoint_dir("dynamics", item), where=f"dynamics.{item}",
                             tokenizer_key=f"tokenizer.{item}.kind", loader=loader, tracker=r)
         write_json(metrics_path("dynamics", item), metrics)
         write_json(Path("plots") / f"dynamics-{item}.json", rows)
-        r.log_metrics({k: v for k, v in metrics.items() if k != "sweep"})
+        r.log_metrics(metrics)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """`dvc repro` of the real DAG in a temporary git repository, with the real params shrunk.
 
-Covers: a full repro of the data stages, a no-op repro that runs nothing, a param change that
-reruns exactly the stage whose params it touches (not restored from the run cache), byte-identical
-outputs from a forced rerun as on another CPU (the md5s DVC records in dvc.lock), and `dvc metrics show`.
+Covers: a full repro of the data stages and MNIST's model stages (tokenizer, latents, dynamics,
+policy, evaluate), a no-op repro that runs nothing, a param change that reruns exactly the stage
+whose params it touches (not restored from the run cache), an evaluation param that reruns
+`evaluate` only, byte-identical data outputs from a forced rerun as on another CPU (the md5s DVC
+records in dvc.lock), and `dvc metrics show`.
 """
 from __future__ import annotations
 
@@ -25,13 +27,25 @@ pytestmark = pytest.mark.slow
 SHRINK = {
     "store": {"chunk_frames": 16, "shard_chunks": 4},
     "loader": {"num_workers": 0},
-    "moving_mnist": {"num_sequences": 6, "seq_len": 10},
+    "moving_mnist": {"num_sequences": 8, "seq_len": 10},
     "gameplay_videos": {"crafter": {"episodes": 2, "steps": 40}},
-    "tokenizer": {"mnist": {"eval": {"max_frames": 32, "probe_frames": 16, "batch_size": 16}}},
+    "tokenizer": {"mnist": {"eval": {"val_fraction": 0.25, "max_frames": 32, "probe_frames": 16, "batch_size": 16}}},
     "latents": {"batch_frames": 32},
+    "dynamics": {"mnist": {"window": 5, "max_frames": 6,
+                           "masked": {"dim": 16, "heads": 2, "depth": 1, "mlp_ratio": 2, "sample_steps": 2},
+                           "train": {"steps": 4, "batch_size": 2, "warmup_steps": 1, "log_every": 2, "ckpt_every": 2}}},
+    "policy": {"mnist": {"state_frames": 2, "horizon": 2,
+                         "model": {"dim": 16, "heads": 2, "depth": 1, "mlp_ratio": 2},
+                         "mlp": {"hidden": 16, "layers": 1, "train": {"steps": 4, "batch_size": 8, "warmup_steps": 1}},
+                         "train": {"steps": 4, "batch_size": 8, "warmup_steps": 1}}},
+    "evaluate": {"mnist": {"context_frames": 3, "horizon": 3, "bootstrap": 20, "speed_frames": 2,
+                           "media": {"windows": 1, "scale": 1, "contact_horizons": [1, 2], "imagined": 1},
+                           "policy": {"max_windows": 16, "mask_levels": [0.5], "nelbo_points": 2,
+                                      "imagination_sequences": 2, "imagination_batch_size": 2}}},
 }
 DATA_STAGES = ["mnist_digits", "moving_mnist", "gameplay_videos", "gameplay_frames", "actions@mnist", "actions@gameplay"]
-STAGES = [*DATA_STAGES, "tokenizer@mnist", "latents@mnist"]
+BYTE_STAGES = [*DATA_STAGES, "tokenizer@mnist", "latents@mnist"]   # the same bytes on any machine
+STAGES = [*BYTE_STAGES, "dynamics@mnist", "policy@mnist", "evaluate@mnist"]
 
 
 def deep_update(base: dict, upd: dict) -> dict:
@@ -79,7 +93,7 @@ def make_repo(repo: Path, params: dict, **env: str) -> dict:
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (repo / ".gitignore").write_text("/data/\n/mlflow.db\n__pycache__/\n")
+    (repo / ".gitignore").write_text("/data/\n/mlflow.db\n/mlflow.db.lock\n/mlartifacts/\n/mlruns/\n__pycache__/\n/checkpoints/\n")
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -123,8 +137,21 @@ def test_repro_builds_data_stages(repo, first_repro):
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], path, env).stdout)
     flat = json.dumps(metrics)
     for key in ("accuracy", "ambiguous", "tracker_mae", "videos_ok", "videos_failed", "frames", "episodes",
-                "psnr", "ssim", "psnr_mean_image", "collapsed", "frames_per_s"):
+                "psnr", "ssim", "psnr_mean_image", "collapsed", "frames_per_s", "final_loss", "steps_per_s",
+                # the evaluate stage's contract keys (shared/reference/contract.md)
+                "mse", "mse_copy_last", "mse_mean_frame", "mse_prior_only", "mse_shuffled_actions", "psnr_tokenizer",
+                "sharpness", "mse_sample", "sharpness_sample", "imagine_fps", "nll", "nll_marginal",
+                "first_action_acc", "first_action_acc_marginal", "first_action_acc_repeat_last",
+                "first_action_acc_mlp", "action_fidelity", "action_fidelity_shuffled", "action_fidelity_deranged"):
         assert f'"{key}"' in flat, f"metric {key} missing from dvc metrics show"
+    # the evaluate stage's per-horizon rows, pictures and videos
+    rows = json.loads((path / "plots/evaluate-mnist.json").read_text())
+    assert [r["horizon"] for r in rows] == [1, 2, 3]
+    media = json.loads((path / "reports/mnist/media.json").read_text())
+    for name in [*media["rollouts"][0], media["contact_sheet"], *media["plots"].values(), *media["imagined"]]:
+        assert (path / "reports/mnist" / name).stat().st_size > 0, name
+    show = run(["dvc", "plots", "show", "--json"], path, env)
+    assert "plots/evaluate-mnist.json" in show.stdout
 
 
 def test_noop_repro_runs_nothing(repo, first_repro):
@@ -147,6 +174,22 @@ def test_param_change_reruns_only_that_stage(repo, first_repro):
     assert lock["stages"]["actions@gameplay"]["params"]["params.yaml"]["actions.gameplay"]["move_threshold"] == 0.45
 
 
+def test_evaluation_param_reruns_only_evaluate(repo, first_repro):
+    """Training and evaluation apart: an evaluation param (here the bootstrap resamples) reruns
+    `evaluate@mnist` and nothing upstream; its metrics are rewritten."""
+    path, env = repo
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["evaluate"]["mnist"]["bootstrap"] = 21  # a value never run before
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    metrics = path / "metrics/evaluate-mnist.json"
+    before = metrics.stat().st_mtime_ns
+    proc = run(["dvc", "repro", *STAGES], path, env)
+    assert ran_stages(proc.stdout) == ["evaluate@mnist"], proc.stdout
+    assert metrics.stat().st_mtime_ns != before, "stage really reran"
+    lock = yaml.safe_load((path / "dvc.lock").read_text())
+    assert lock["stages"]["evaluate@mnist"]["params"]["params.yaml"]["evaluate.mnist"]["bootstrap"] == 21
+
+
 def test_forced_rerun_on_other_cpu_code_is_byte_identical(repo, first_repro, tmp_path):
     """Guards issue 18: the data outputs (videos, frame stores, actions, quantize latents) are the
     same bytes on every machine. A forced rerun as on another CPU (FFmpeg's C code, through a
@@ -162,9 +205,9 @@ def test_forced_rerun_on_other_cpu_code_is_byte_identical(repo, first_repro, tmp
     before = lock_outs(path)
     tokenizer = path / "data/mnist/tokenizer/tokenizer.json"
     scores = json.loads(tokenizer.read_text())["metrics"]
-    proc = run(["dvc", "repro", "-f", *STAGES], path, other_cpu)
-    assert set(ran_stages(proc.stdout)) == set(STAGES), proc.stdout
-    assert len((site / "ran").read_text()) > len(STAGES), "the stages did not run as on another CPU"
+    proc = run(["dvc", "repro", "-f", *BYTE_STAGES], path, other_cpu)
+    assert set(ran_stages(proc.stdout)) == set(BYTE_STAGES), proc.stdout
+    assert len((site / "ran").read_text()) > len(BYTE_STAGES), "the stages did not run as on another CPU"
     after = lock_outs(path)
     # The tokenizer's directory is a model's: it records its evaluation (PSNR, SSIM in floats that
     # ATen's kernels round differently on other CPU code), so it is close, not the same bytes.
@@ -191,4 +234,5 @@ def test_deps_rerun_exactly_what_they_touch(repo, first_repro):
     motion = path / "pipeline" / "motion.py"
     motion.write_text(motion.read_text() + "\n# a comment: the code changed\n")
     proc = run(["dvc", "repro", *STAGES], path, env)
-    assert ran_stages(proc.stdout) == ["actions@gameplay", "actions@mnist"], proc.stdout
+    # evaluate@mnist runs the actions stage's extractor on predicted frames; its data came out the same
+    assert ran_stages(proc.stdout) == ["actions@gameplay", "actions@mnist", "evaluate@mnist"], proc.stdout
