@@ -30,8 +30,9 @@ Randomness: every function that draws takes an optional ``torch.Generator``, whi
 the device of the data (a CPU generator for CPU tensors, a CUDA one for CUDA tensors).
 
 Also here: ``ActionDiscretizer`` (continuous [dx, dy] to ids and back), and two baselines: the
-marginal action frequencies and ``MLPPolicy`` (a state-conditioned one-step classifier). No file
-I/O: the stage trains, saves and loads these.
+marginal action frequencies and ``MLPPolicy`` (a state-conditioned classifier with one
+distribution per horizon position). No file I/O: the stage trains and saves these, and
+``pipeline/policy.py`` loads them.
 """
 from __future__ import annotations
 
@@ -902,6 +903,7 @@ def marginal_metrics(train_actions: torch.Tensor, test_actions: torch.Tensor, n_
 @dataclass
 class MLPPolicyConfig:
     n_actions: int = 5
+    horizon: int = 8            # H future actions, one distribution per position
     state_frames: int = 3
     state_kind: str = "tokens"
     state_shape: tuple[int, ...] = (32, 32)
@@ -918,6 +920,8 @@ class MLPPolicyConfig:
         want = 2 if self.state_kind == "tokens" else 3
         if len(self.state_shape) != want:
             raise ValueError(f"state_shape {self.state_shape} must have {want} dims for state_kind {self.state_kind!r}")
+        if self.horizon < 1:
+            raise ValueError(f"horizon {self.horizon} must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -930,9 +934,9 @@ class MLPPolicyConfig:
 
 
 class MLPPolicy(nn.Module):
-    """State-conditioned one-step classifier: the flattened state (token ids embedded per cell)
-    through an MLP to next-action logits (B, n_actions). As a sequence model it predicts the same
-    distribution at every horizon position (``sequence_logits``)."""
+    """State-conditioned per-position classifier: the flattened state (token ids embedded per cell,
+    and the past action ids one-hot) through an MLP to logits (B, horizon, n_actions), one
+    independent distribution per horizon position (an output layer of horizon * n_actions)."""
 
     def __init__(self, cfg: MLPPolicyConfig):
         super().__init__()
@@ -948,45 +952,46 @@ class MLPPolicy(nn.Module):
         for _ in range(cfg.layers):
             layers += [nn.Linear(width, cfg.hidden), nn.GELU()]
             width = cfg.hidden
-        layers.append(nn.Linear(width, cfg.n_actions))
+        layers.append(nn.Linear(width, cfg.horizon * cfg.n_actions))
         self.net = nn.Sequential(*layers)
 
     def forward(self, state: torch.Tensor, past: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, horizon, n_actions)."""
         cfg = self.cfg
         _check_state(state, cfg.state_frames, cfg.state_kind, cfg.state_shape, "MLPPolicy")
         _check_past(past, cfg.past_actions, cfg.n_actions, state.shape[0], "MLPPolicy")
         x = (self.embed(state.long()) if cfg.state_kind == "tokens" else state.float()).flatten(1)
         if cfg.past_actions:
             x = torch.cat([x, F.one_hot(past.long(), cfg.n_actions).to(x.dtype).flatten(1)], dim=1)
-        return self.net(x)
+        return self.net(x).view(-1, cfg.horizon, cfg.n_actions)
+
+    def _check_horizon(self, horizon: int) -> None:
+        if horizon != self.cfg.horizon:
+            raise ValueError(f"MLPPolicy predicts horizon {self.cfg.horizon} positions, asked for {horizon}")
 
     def sequence_logits(self, state: torch.Tensor, horizon: int, past: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, horizon, n_actions): the one-step distribution repeated at every position."""
-        return self(state, past)[:, None].expand(-1, horizon, -1)
+        """(B, horizon, n_actions): the per-position logits (``horizon`` must be the model's)."""
+        self._check_horizon(horizon)
+        return self(state, past)
 
     def predict(self, state: torch.Tensor, horizon: int, past: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, horizon) argmax ids (the same id at every position)."""
-        return self(state, past).argmax(-1)[:, None].expand(-1, horizon)
+        """(B, horizon) argmax ids, position by position."""
+        return self.sequence_logits(state, horizon, past).argmax(-1)
 
 
 def mlp_policy_loss(model: MLPPolicy, actions: torch.Tensor, state: torch.Tensor,
-                    positions: str = "first",
                     past: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Cross-entropy of ``MLPPolicy`` against the next action (``positions="first"``) or against
-    every horizon position (``"all"``: fits the per-state action distribution over the horizon).
-    Returns ``(loss, parts)`` with detached ``loss`` and ``accuracy`` (first action)."""
-    if positions not in ("first", "all"):
-        raise ValueError(f"unknown positions {positions!r}; expected 'first' or 'all'")
+    """Cross-entropy of ``MLPPolicy``'s per-position logits against the actions (B, horizon), mean
+    over all positions (what its ``nll`` is scored on). Returns ``(loss, parts)`` with detached
+    ``loss`` and ``accuracy`` (the first action: position 0's argmax)."""
     _check_actions(actions, model.cfg.n_actions, "mlp_policy_loss")
+    if actions.dim() != 2 or actions.shape[1] != model.cfg.horizon:
+        raise ValueError(f"mlp_policy_loss: actions of shape {tuple(actions.shape)} must be "
+                         f"(B, horizon={model.cfg.horizon})")
     logits = model(state, past)
-    if positions == "first":
-        loss = F.cross_entropy(logits, actions[:, 0].long())
-    else:
-        h = actions.shape[1]
-        loss = F.cross_entropy(logits[:, None].expand(-1, h, -1).reshape(-1, logits.shape[-1]),
-                               actions.reshape(-1).long())
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), actions.reshape(-1).long())
     with torch.no_grad():
-        acc = (logits.argmax(-1) == actions[:, 0]).float().mean()
+        acc = (logits[:, 0].argmax(-1) == actions[:, 0]).float().mean()
     return loss, {"loss": loss.detach(), "accuracy": acc}
 
 

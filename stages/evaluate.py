@@ -53,17 +53,8 @@ from pipeline.paths import (
     policy_dir,
     tokenizer_dir,
 )
-from pipeline.policy import (
-    Policy,
-    check_imagination,
-    gameplay_extractor,
-    held_out_pairs,
-    imagine,
-    mnist_extractor,
-    policy_items,
-    repeat_last_probs,
-    train_action_ids,
-)
+from pipeline.imagination import check_imagination, gameplay_extractor, imagine, mnist_extractor
+from pipeline.policy import Policy, held_out_pairs, policy_items, repeat_last_probs, train_action_ids
 from pipeline.rollouts import (
     Config,
     aliases,

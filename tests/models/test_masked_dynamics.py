@@ -664,10 +664,10 @@ def test_time_shift_trains_the_positions_a_rollout_reaches(time_shift):
         "masked": {"patch": 2, "token_dim": 8, "dim": 32, "heads": 2, "depth": 1,
                    "objectives": {"future_copies": True, "time_shift": time_shift}},
         "train": {"steps": 10, "warmup_steps": 1},
-        "eval": {"context_frames": 3, "horizon": 5},
+        "max_frames": 8,
     })
-    model = MaskedDynamics(MaskedConfig(**{**SMALL, "depth": 1, "max_frames": cfg.max_frames}))
-    assert cfg.max_frames == 8
+    model = MaskedDynamics(MaskedConfig(**{**SMALL, "depth": 1, "max_frames": cfg.positions}))
+    assert cfg.positions == 8
     ids = tokens(64, 3, seed=7)
     batch = {"latents": ids.to(torch.uint8), "actions": moves(64, 3), "valid": torch.ones(64, 3, dtype=torch.bool)}
     loss, _ = loss_function(cfg, MASK)(model, batch, 0)

@@ -482,12 +482,16 @@ def test_marginal_baseline():
     assert math.isfinite(marginal_metrics(train_a, torch.tensor([[3, 3, 3, 3]]), 4)["nll"])
 
 
-def test_mlp_policy_learns_state_to_action_and_repeats_over_horizon():
-    cfg = MLPPolicyConfig(n_actions=N_ACTIONS, state_frames=2, state_shape=(8, 8), hidden=64)
+def test_mlp_policy_predicts_each_position_from_the_state():
+    """One distribution per horizon position: from the same state, position 0 is always action 1
+    and position 1 always action 2 (a single distribution repeated over the horizon could not fit
+    both); across states the positions follow the state. Trained with cross-entropy on all H
+    positions; its config survives JSON."""
+    cfg = MLPPolicyConfig(n_actions=N_ACTIONS, horizon=4, state_frames=2, state_shape=(8, 8), hidden=64)
     torch.manual_seed(0)
     model = MLPPolicy(MLPPolicyConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))))
     s = states(4, seed=5)
-    actions = torch.tensor([[0, 1, 1, 1], [1, 2, 2, 2], [4, 4, 0, 0], [3, 3, 3, 1]])
+    actions = torch.tensor([[1, 2, 1, 1], [1, 2, 2, 2], [4, 4, 0, 0], [3, 0, 3, 1]])
     opt = torch.optim.Adam(model.parameters(), 1e-2)
     for _ in range(60):
         loss, parts = mlp_policy_loss(model, actions, s)
@@ -496,12 +500,30 @@ def test_mlp_policy_learns_state_to_action_and_repeats_over_horizon():
         opt.step()
     assert float(parts["accuracy"]) == 1.0
     seq = model.sequence_logits(s, 4)
-    assert seq.shape == (4, 4, N_ACTIONS) and torch.equal(seq[:, 0], seq[:, 3])
-    assert torch.equal(model.predict(s, 4), actions[:, :1].expand(-1, 4))
+    assert seq.shape == (4, 4, N_ACTIONS) and torch.equal(seq, model(s))
+    assert torch.equal(model.predict(s, 4), actions)          # every position, every state
     m = sequence_metrics(seq, actions)
-    assert m["first_action_acc"] == 1.0 and m["nll"] > 0
-    cont = MLPPolicy(MLPPolicyConfig(n_actions=3, state_kind="continuous", state_frames=2, state_shape=(4, 4, 8)))
-    assert cont(torch.zeros(2, 2, 4, 4, 8)).shape == (2, 3)
+    assert m["first_action_acc"] == 1.0 and m["nll"] < 0.1
+    with pytest.raises(ValueError, match="predicts horizon 4 positions, asked for 3"):
+        model.sequence_logits(s, 3)
+    with pytest.raises(ValueError, match=r"must be \(B, horizon=4\)"):
+        mlp_policy_loss(model, actions[:, :3], s)
+    cont = MLPPolicy(MLPPolicyConfig(n_actions=3, horizon=2, state_kind="continuous", state_frames=2,
+                                     state_shape=(4, 4, 8)))
+    assert cont(torch.zeros(2, 2, 4, 4, 8)).shape == (2, 2, 3)
+
+
+def test_mlp_loss_is_the_mean_cross_entropy_over_all_positions():
+    """The loss the MLP trains on is what it is scored on: the mean NLL over the H positions."""
+    torch.manual_seed(0)
+    model = MLPPolicy(MLPPolicyConfig(n_actions=N_ACTIONS, horizon=3, state_frames=2, state_shape=(8, 8), hidden=16))
+    s = states(5, seed=2)
+    actions = torch.randint(0, N_ACTIONS, (5, 3), generator=torch.Generator().manual_seed(1))
+    loss, _ = mlp_policy_loss(model, actions, s)
+    logp = model(s).detach().log_softmax(-1)
+    want = -np.mean([float(logp[b, k, actions[b, k]]) for b in range(5) for k in range(3)])
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(sequence_metrics(model(s), actions)["nll"], rel=1e-5)
 
 
 def test_stacked_state_tokens_see_every_frame_at_their_position():
@@ -574,11 +596,12 @@ def test_policy_learns_to_repeat_the_last_move_from_past_actions():
     with torch.no_grad():
         first = model.eval()(torch.full((64, H), model.mask_id), st, past=past)[:, 0].argmax(-1)
     assert (first == last).float().mean() > 0.9
-    mlp = MLPPolicy(MLPPolicyConfig(n_actions=N_ACTIONS, state_frames=2, state_shape=(8, 8), hidden=32, past_actions=2))
+    mlp = MLPPolicy(MLPPolicyConfig(n_actions=N_ACTIONS, horizon=H, state_frames=2, state_shape=(8, 8), hidden=32,
+                                    past_actions=2))
     opt = torch.optim.AdamW(mlp.parameters(), lr=1e-2)
     for _ in range(100):
         loss, _ = mlp_policy_loss(mlp, actions, st, past=past)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert (mlp(st, past).argmax(-1) == last).float().mean() > 0.9
+    assert (mlp(st, past)[:, 0].argmax(-1) == last).float().mean() > 0.9

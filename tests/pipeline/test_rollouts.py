@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline import rollouts
 from pipeline.evaluation import derangement, episode_resamples, interval, resampled_sums, split_held_out
@@ -211,3 +212,59 @@ def test_step_sweep_times_are_the_median_of_interleaved_rounds(monkeypatch):
 def test_sweep_longer_than_the_horizon_is_refused():
     with pytest.raises(ValueError, match=r"sweep.horizon \(9\) exceeds horizon \(8\)"):
         rollouts.Config(context_frames=2, horizon=8, sweep={"horizon": 9})
+
+
+# -- the rollouts' plumbing: which actions each variant is given and scored against ---------------
+
+
+class ActionPainter:
+    """A stand-in world model whose every predicted frame shows the action that led to it (its
+    grey level is class / 10) and whose untrained copy shows nothing: the extractor below reads the
+    class back, so the fidelity of each variant tells which actions it was given."""
+
+    family, device = "flow", torch.device("cpu")
+
+    def __init__(self, paint: bool = True):
+        self.meta = {"sample": {"steps": 1, "tau_ctx": 0.9}, "kind": "flow"}
+        self.paint = paint
+
+    def latents(self, stored):
+        return torch.as_tensor(np.asarray(stored), dtype=torch.float32)
+
+    def actions(self, actions, action_class, valid):
+        return torch.as_tensor(np.asarray(action_class)).long(), torch.as_tensor(np.asarray(valid)).bool()
+
+    def rollout(self, context, actions, valid, horizon, steps=None, generator=None, decode=None):
+        c = context.shape[1]
+        level = actions[:, c - 1 : c - 1 + horizon].float() / 10 if self.paint else torch.zeros(len(actions), horizon)
+        return level[:, :, None, None, None].expand(-1, -1, 16, 16, 1).clone()
+
+    def decode(self, z):
+        return z.numpy().astype(np.float32)
+
+
+def read_class(clip, rows, c):
+    return np.rint(clip[:, 1:].mean(axis=(2, 3, 4)) * 10).astype(np.int64)
+
+
+def test_each_variant_is_scored_against_the_actions_it_was_given():
+    n, c, h = 5, 2, 3
+    rng = np.random.default_rng(0)
+    classes = rng.integers(1, 5, (n, c + h)).astype(np.int64)
+    seqs = {LATENTS_KEY: np.zeros((n, c + h, 16, 16, 1), np.float32), FRAMES_KEY: np.zeros((n, c + h, 16, 16, 1), np.uint8),
+            "actions": np.zeros((n, c + h, 2), np.float32), "valid": np.ones((n, c + h), bool), "action_class": classes}
+    cfg = rollouts.Config(context_frames=c, horizon=h, batch_size=2, sample_steps=1)
+    world, prior = ActionPainter(), ActionPainter(paint=False)
+    scores, kept, facts = rollouts.score_windows(world, prior, seqs, cfg, np.zeros((16, 16, 1), np.float32), read_class,
+                                                 lambda a, k: k, np.zeros((n, 2), int), np.array([1, 3]))
+    perm = facts["perm"]
+    assert not np.any(perm == np.arange(n))
+    assert np.all(scores["model"]["fidelity"] == 1)                     # the true actions, read back
+    assert np.all(scores["shuffled_actions"]["fidelity"] == 1)          # scored against the deranged actions it got
+    given = classes[:, c - 1 : c - 1 + h]
+    assert np.any(given[perm] != given)                                 # ... which differ from the true ones
+    assert np.all(scores["prior_only"]["fidelity"] == 0)                # the untrained copy shows no action
+    # the frames kept for pictures are those of the windows asked for, under the true actions
+    assert kept["model"].shape == (2, h, 16, 16, 1)
+    np.testing.assert_allclose(kept["model"][:, :, 0, 0, 0], given[[1, 3]] / 10, rtol=1e-6)
+    np.testing.assert_allclose(kept["shuffled_actions"][:, :, 0, 0, 0], given[perm][[1, 3]] / 10, rtol=1e-6)

@@ -1,23 +1,27 @@
-"""Stage ``policy`` end to end on tiny real stores, and the imagination plumbing.
+"""Stage ``policy`` end to end on tiny real stores (training and saving), and the policy library's
+evaluation on them: held-out pairs and their scores, and imagination inside real world models.
 
 Both kinds: gameplay-like discrete classes with a cnn tokenizer and a flow world model, and
 MNIST-like continuous [dx, dy] (discretised) with true digit positions, a quantize tokenizer and a
 masked world model. Inputs come from the real stages (``tests/stages/test_dynamics.py``'s helpers).
+The library's pure parts are tested in ``tests/pipeline/test_policy.py``.
 """
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from models.policy import ActionDiscretizer, MDLMPolicy
+from models.policy import ActionDiscretizer, MDLMPolicy, MLPPolicy
+from pipeline import imagination
+from pipeline import policy as lib
+from pipeline import train as train_lib
 from pipeline.checkpoint import load_model, read_meta
 from pipeline.config import ParamsError
 from pipeline.ego import GameplayActionsConfig, MnistActionsConfig
+from pipeline.evaluation import derangement
 from pipeline.paths import ACTION_CLASS_KEY, ACTIONS_KEY, LATENTS_KEY, VALID_KEY
 from pipeline.reader import window_index
 from pipeline.store import EpisodeStore
@@ -33,24 +37,24 @@ KINDS = {
 }
 POLICY = {
     "state_frames": 2, "horizon": 2,
-    "model": {"state_patch": 4, "dim": 16, "heads": 2, "depth": 1, "mlp_ratio": 2},
+    "model": {"state_patch": 4, "dim": 16, "heads": 2, "depth": 1, "mlp_ratio": 2, "past_actions": 1},
     "sample": {"steps": 2},
     "mlp": {"hidden": 16, "layers": 1, "token_dim": 2,
-            "train": {"steps": 4, "batch_size": 8, "warmup_steps": 1, "eval_every": 4, "ckpt_every": 2}},
-    "train": {"steps": 4, "batch_size": 8, "warmup_steps": 1, "ema_decay": 0.9, "eval_every": 4, "ckpt_every": 2,
-              "device": "cpu"},
-    "eval": {"max_windows": 16, "mask_levels": [0.5], "nelbo_points": 2, "batch_size": 16},
-    "imagination": {"sequences": 4, "gifs": 2, "batch_size": 4},
+            "train": {"steps": 4, "batch_size": 8, "warmup_steps": 1, "ckpt_every": 2}},
+    "train": {"steps": 4, "batch_size": 8, "warmup_steps": 1, "ema_decay": 0.9, "ckpt_every": 2, "device": "cpu"},
 }
-CONTRACT_KEYS = ("nll", "nll_marginal", "first_action_acc", "first_action_acc_marginal", "first_action_acc_mlp",
-                 "action_fidelity", "action_fidelity_shuffled")
+EVAL = lib.EvalParams(max_windows=16, mask_levels=[0.5], nelbo_points=2, batch_size=16, imagination_sequences=4,
+                      imagination_batch_size=4)
+HEALTH_KEYS = {"final_loss", "mlp_final_loss", "steps_per_s", "train_seconds", "mlp_train_seconds", "train_steps",
+               "n_params", "n_actions", "train_episodes", "val_episodes"}
+CONTEXT = 2  # the tiny world models' context (dynamics_config: 2 -> 2 frames)
 
 
-def policy_config(**over) -> stage.Config:
+def policy_config(**over) -> lib.Config:
     base = dict(POLICY)
     for key, value in over.items():
         base[key] = {**base[key], **value} if isinstance(value, dict) else value
-    return stage.Config.model_validate(base)
+    return lib.Config.model_validate(base)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,94 +80,77 @@ def worlds(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(worlds, tmp_path_factory):
-    """Per dataset: (metrics, policy dir, GIF dir, work dir) of one ``stages.policy.run``."""
+    """Per dataset: (metrics, policy dir, work dir) of one ``stages.policy.run``."""
     root = tmp_path_factory.mktemp("policy-runs")
     out = {}
     for ds in KINDS:
-        dirs = (root / ds / "policy", root / ds / "gifs", root / ds / "work")
-        metrics = stage.run(policy_config(), ds, worlds[ds], *dirs, where=f"policy.{ds}",
-                            extractor_cfg=KINDS[ds][3], loader=NO_WORKERS)
+        dirs = (root / ds / "policy", root / ds / "work")
+        metrics = stage.run(policy_config(), worlds[ds], *dirs, where=f"policy.{ds}", loader=NO_WORKERS)
         out[ds] = (metrics, *dirs)
     return out
 
 
-def gif_frames(path: Path) -> list[tuple[np.ndarray, int]]:
-    """(RGB frame, duration ms) of every frame stored in a GIF."""
-    with Image.open(path) as im:
-        assert im.format == "GIF"
-        frames = []
-        for i in range(im.n_frames):
-            im.seek(i)
-            frames.append((np.asarray(im.convert("RGB")), int(im.info["duration"])))
-    return frames
+def split(worlds, ds: str) -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out) episode ids of the tokenizer's split."""
+    lat = EpisodeStore.open(worlds[ds]["latents"])
+    val = np.array(sorted(read_meta(worlds[ds]["tokenizer"], "tokenizer")["val_episodes"]))
+    return np.setdiff1d(np.arange(lat.n_episodes), val), val
 
 
-def red_border(frame: np.ndarray) -> bool:
-    edge = np.concatenate([frame[0], frame[-1], frame[:, 0], frame[:, -1]])
-    return bool((np.abs(edge.astype(int) - (220, 30, 30)) <= 8).all())
-
-
-# -- end to end ----------------------------------------------------------------------------------
+# -- the stage: training and saving ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("ds", list(KINDS))
-def test_policy_trains_measures_imagines_and_saves(ds, worlds, runs):
-    metrics, out, gif_dir, work = runs[ds]
-    for key in CONTRACT_KEYS:
-        assert key in metrics and math.isfinite(metrics[key]), key
-    for key in ("first_action_acc", "first_action_acc_marginal", "first_action_acc_mlp", "action_fidelity",
-                "action_fidelity_shuffled"):
-        assert 0 <= metrics[key] <= 1, key
-    assert metrics["nll"] > 0 and metrics["nll_marginal"] > 0 and "masked_acc_t50" in metrics
+def test_policy_trains_and_saves_both_models(ds, worlds, runs):
+    metrics, out, work = runs[ds]
+    assert set(metrics) == HEALTH_KEYS                                   # training health only
+    assert all(math.isfinite(metrics[k]) for k in HEALTH_KEYS)
     n_actions = 5 if ds == "gameplay" else 9          # gameplay's classes; 8 direction sectors + still
     assert metrics["n_actions"] == n_actions and metrics["train_steps"] == POLICY["train"]["steps"]
-    assert metrics["imagined_sequences"] == 4
-    assert sum(metrics["imagined_action_counts"]) == sum(metrics["recovered_action_counts"]) == 4 * POLICY["horizon"]
-    assert metrics["action_fidelity_gap"] == pytest.approx(metrics["action_fidelity"] - metrics["action_fidelity_shuffled"])
+    train_ids, val_ids = split(worlds, ds)
+    assert (metrics["train_episodes"], metrics["val_episodes"]) == (len(train_ids), len(val_ids))
     assert not work.exists() or not any(work.rglob("*"))   # no resumable state left behind
 
-    # the model directory: the policy loads, its coder and the held-out split travel with it
+    # the model directory: both models load, the coder and the held-out split travel with them
+    assert sorted(p.name for p in out.iterdir()) == ["mlp.pt", "model.pt", "policy.json"]
     model, meta = load_model(out, "policy")
-    assert isinstance(model, MDLMPolicy) and meta["kind"] == "mdlm"
-    assert meta["val_episodes"] == read_meta(worlds[ds]["tokenizer"], "tokenizer")["val_episodes"]
+    assert isinstance(model, MDLMPolicy) and meta["kind"] == "mdlm" and "metrics" not in meta
+    assert meta["val_episodes"] == val_ids.tolist()
     assert meta["coder"]["n_actions"] == n_actions and meta["coder"]["discrete"] == (ds == "gameplay")
     assert meta["state_frames"] == POLICY["state_frames"] and meta["horizon"] == POLICY["horizon"]
-    assert meta["metrics"]["nll"] == pytest.approx(metrics["nll"]) and "train_seconds" not in meta["metrics"]
+    policy = lib.Policy.load(out, "cpu")
+    assert isinstance(policy.mlp, MLPPolicy) and policy.mlp.cfg.horizon == POLICY["horizon"]
+    assert policy.mlp.cfg.past_actions == policy.model.cfg.past_actions == 1
     lat = EpisodeStore.open(worlds[ds]["latents"])
-    state = stage.state_layout(torch.from_numpy(lat.array(LATENTS_KEY)[0:2][None]), meta["state_kind"])
-    ids = stage.sample(model, state, policy_config(), torch.Generator().manual_seed(0))
+    state = lib.state_layout(torch.from_numpy(lat.array(LATENTS_KEY)[0:2][None]), policy.state_kind)
+    ids = policy.act(state, torch.Generator().manual_seed(0), past=torch.zeros(1, 1, dtype=torch.long))
     assert ids.shape == (1, POLICY["horizon"]) and 0 <= int(ids.min()) and int(ids.max()) < n_actions
 
 
-@pytest.mark.parametrize("ds", list(KINDS))
-def test_gifs_show_the_real_context_then_the_imagined_frames(ds, worlds, runs):
-    _, _, gif_dir, _ = runs[ds]
-    c = read_meta(worlds[ds]["dynamics"], "dynamics")["context_frames"]
-    gifs = sorted(gif_dir.glob("*.gif"))
-    assert [g.name for g in gifs] == ["imagined_00.gif", "imagined_01.gif"]
-    for g in gifs:
-        frames = gif_frames(g)
-        # a GIF writer merges identical consecutive frames into one longer frame: count by time
-        shown = [f for f, ms in frames for _ in range(round(ms / 200))]
-        assert len(shown) == c + POLICY["horizon"], g
-        assert shown[0].shape == (3 * 16, 3 * 16, 3)
-        assert [red_border(f) for f in shown] == [False] * c + [True] * POLICY["horizon"], g
+def test_a_killed_run_resumes_to_the_same_bytes(worlds, runs, tmp_path, monkeypatch):
+    """A run killed after 2 of its 4 MDLM steps resumes from its checkpoint and writes the same
+    bytes as the uninterrupted run (model, MLP baseline and metadata)."""
+    real = train_lib.train
 
+    def killed(model, loss_fn, batches, cfg, ckpt_dir, **kw):
+        real(model, loss_fn, batches, cfg, ckpt_dir, stop_after=2, **kw)
+        raise KeyboardInterrupt
 
-def test_gifs_keep_the_timing_of_still_frames(tmp_path):
-    """An imagined video that stands still: the GIF writer stores repeated frames once, with the
-    durations added, so the GIF still plays context + horizon frames of 200 ms."""
-    still = np.full((3, 8, 8, 1), 0.5, np.float32)
-    clip = np.concatenate([still[:2], still])                    # 2 context frames, 3 identical imagined
-    (path,) = stage.save_gifs([clip], 2, tmp_path / "gifs", 1, scale=2)
-    frames = gif_frames(path)
-    assert sum(ms for _, ms in frames) == 5 * 200
-    shown = [f for f, ms in frames for _ in range(round(ms / 200))]
-    assert [red_border(f) for f in shown] == [False, False, True, True, True]
+    monkeypatch.setattr(stage, "train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(policy_config(), worlds["mnist"], tmp_path / "policy", tmp_path / "work", loader=NO_WORKERS)
+    assert not (tmp_path / "policy").exists() and any((tmp_path / "work").rglob("state.pt"))
+    monkeypatch.setattr(stage, "train", real)
+    metrics = stage.run(policy_config(), worlds["mnist"], tmp_path / "policy", tmp_path / "work", loader=NO_WORKERS)
+    assert metrics["resumed_from_step"] == 2 and metrics["train_steps"] == 4
+    first = runs["mnist"][1]
+    for name in ("model.pt", "mlp.pt", "policy.json"):
+        assert (first / name).read_bytes() == (tmp_path / "policy" / name).read_bytes(), name
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").rglob("*"))
 
 
 def test_saved_coder_inverts_on_its_representatives(runs):
-    _, out, _, _ = runs["mnist"]
+    _, out, _ = runs["mnist"]
     coder = read_meta(out, "policy")["coder"]
     disc = ActionDiscretizer.from_state_dict(coder["discretizer"])
     ids = np.arange(coder["n_actions"])
@@ -180,13 +167,74 @@ def test_gameplay_coder_keeps_the_classes(runs):
     assert coder == {"discrete": True, "n_actions": 5, "discretizer": None}
 
 
-# -- imagination plumbing -------------------------------------------------------------------------
+@pytest.mark.parametrize("ds", list(KINDS))
+def test_training_pairs_take_the_actions_from_the_current_frame_on(ds, worlds):
+    """A training pair is the state (frames 0..K-1 of a window; K-1 the current frame) and the ids
+    of transitions K-1 .. K+H-2: the first target is the move out of the current frame."""
+    paths = worlds[ds]
+    cfg = policy_config(state_frames=3, horizon=4, model={"past_actions": 2})
+    act = EpisodeStore.open(paths["actions"])
+    coder = lib.fit_coder(cfg, act, np.arange(act.n_episodes))
+    names = [LATENTS_KEY, ACTIONS_KEY, VALID_KEY] + ([ACTION_CLASS_KEY] if coder.discrete else [])
+    rows = window_index(act.episode_ends, [0, 3], cfg.window, 2)
+    stores = {LATENTS_KEY: EpisodeStore.open(paths["latents"]), ACTIONS_KEY: act, VALID_KEY: act, ACTION_CLASS_KEY: act}
+    batch = {k: torch.from_numpy(np.stack([stores[k].array(k)[a:b] for a, b in rows])) for k in names}
+    kind = "tokens" if ds == "mnist" else "continuous"
+    state, ids, past = lib.split_batch(batch, cfg, coder, kind)
+    assert state.shape[:2] == (len(rows), 3) and ids.shape == (len(rows), 4) and past.shape == (len(rows), 2)
+    assert torch.equal(state.float().flatten(2), batch[LATENTS_KEY][:, :3].float().flatten(2))
+    for i, (a, _) in enumerate(rows):
+        if coder.discrete:
+            want = act.array(ACTION_CLASS_KEY)[a + 2 : a + 6]
+        else:
+            want = coder.ids(act.array(ACTIONS_KEY)[a + 2 : a + 6])
+        assert ids[i].tolist() == np.asarray(want).tolist(), (i, a)
+        # the past: the moves into the current frame (transitions 0 and 1 of the window)
+        if coder.discrete:
+            before = np.clip(act.array(ACTION_CLASS_KEY)[a : a + 2], 0, None)
+        else:
+            before = coder.ids(act.array(ACTIONS_KEY)[a : a + 2])
+        assert past[i].tolist() == np.asarray(before).tolist(), (i, a)
 
 
-def held_out_windows(worlds, ds: str, length: int) -> np.ndarray:
-    lat = EpisodeStore.open(worlds[ds]["latents"])
-    val = read_meta(worlds[ds]["tokenizer"], "tokenizer")["val_episodes"]
-    return window_index(lat.episode_ends, val, length, length)
+# -- the library's evaluation on the trained policy -------------------------------------------------
+
+
+@pytest.mark.parametrize("ds", list(KINDS))
+def test_held_out_pairs_and_items_of_a_trained_policy(ds, worlds, runs):
+    """The pairs of the held-out episodes (the repeat-last action counted by hand from the store),
+    and one finite score per pair and key."""
+    policy = lib.Policy.load(runs[ds][1], "cpu")
+    lat, act = EpisodeStore.open(worlds[ds]["latents"]), EpisodeStore.open(worlds[ds]["actions"])
+    train_ids, val_ids = split(worlds, ds)
+    pairs = lib.held_out_pairs(policy, lat, act, val_ids, EVAL.max_windows)
+    n = len(pairs["ids"])
+    assert n == EVAL.max_windows and pairs["state"].shape[:2] == (n, 2) and pairs["past"].shape == (n, 1)
+    assert set(pairs["episode"]) <= set(val_ids.tolist())
+    ends = lat.episode_ends
+    starts = pairs["rows"][:, 0]
+    assert all(ends[e] >= b and (e == 0 or ends[e - 1] <= a) for e, (a, b) in zip(pairs["episode"], pairs["rows"]))
+    coder, every = policy.coder, None
+    if coder.discrete:
+        every = act.array(ACTION_CLASS_KEY)[:].astype(np.int64)
+    else:
+        every = coder.ids(act.array(ACTIONS_KEY)[:])
+    assert pairs["last"].tolist() == every[starts].tolist()             # the move out of frame 0 into frame 1
+    assert pairs["ids"].tolist() == np.stack([every[starts + 1], every[starts + 2]], 1).tolist()
+    hand = np.mean([every[a + 1] == every[a] for a in starts])
+
+    probs = lib.repeat_last_probs(act, train_ids, policy)
+    items = lib.policy_items(policy, pairs, EVAL, lib.train_action_ids(act, train_ids, coder), probs)
+    assert items["first_correct_repeat_last"].mean() == pytest.approx(hand)
+    assert probs.shape == (2,) and ((0 < probs) & (probs < 1)).all()
+    for key, v in items.items():
+        assert v.shape == (n,), key
+        assert np.isfinite(v).all(), key
+    for key in ("first_correct", "first_correct_marginal", "first_correct_repeat_last", "first_correct_mlp",
+                "sample_correct", "exact_match", "exact_match_mlp", "masked_acc_t50"):
+        assert ((0 <= items[key]) & (items[key] <= 1)).all(), key
+    # the NELBO of one pair may be an exact 0 (no position masked at its few t points): its mean is not
+    assert (items["nll"] >= 0).all() and items["nll"].mean() > 0 and (items["nll_mlp"] > 0).all()
 
 
 @pytest.mark.parametrize("ds", list(KINDS))
@@ -195,17 +243,16 @@ def test_extractor_reads_the_transitions_from_the_last_context_frame(ds, worlds)
     transitions c-1 .. c+H-2, discretised as the policy's actions (what the chosen ids mean)."""
     paths = worlds[ds]
     frames, act = EpisodeStore.open(paths["frames"]), EpisodeStore.open(paths["actions"])
-    cfg = policy_config()
-    val = np.array(read_meta(paths["tokenizer"], "tokenizer")["val_episodes"])
-    coder = stage.fit_coder(cfg, act, np.setdiff1d(np.arange(frames.n_episodes), val))
+    train_ids, val_ids = split(worlds, ds)
+    coder = lib.fit_coder(policy_config(), act, train_ids)
     c, h = 3, 4
-    rows = held_out_windows(worlds, ds, c + h)
+    rows = window_index(frames.episode_ends, val_ids, c + h, c + h)
     clip = np.stack([frames.array("frames")[a:b] for a, b in rows]).astype(np.float32) / 255
     if ds == "gameplay":
-        extract = stage.gameplay_extractor(KINDS[ds][3])
+        extract = imagination.gameplay_extractor(KINDS[ds][3])
         want = np.stack([act.array(ACTION_CLASS_KEY)[a + c - 1 : a + c - 1 + h] for a, _ in rows])
     else:
-        extract = stage.mnist_extractor(KINDS[ds][3], frames, coder, 4)
+        extract = imagination.mnist_extractor(KINDS[ds][3], frames, coder, 4)
         want = coder.ids(np.stack([act.array(ACTIONS_KEY)[a + c - 1 : a + c - 1 + h] for a, _ in rows]))
     got = extract(clip[:, c - 1 :], rows, c)
     assert got.shape == (len(rows), h)
@@ -222,98 +269,77 @@ def action_sensitive(world: World, seed: int = 0) -> World:
 
 
 @pytest.mark.parametrize("ds", list(KINDS))
-def test_chosen_actions_drive_the_transitions_from_the_last_context_frame(ds, worlds, runs):
-    """Imagination conditions the world model on the real actions of the context and on the
-    chosen action j at transition c-1+j (the move out of the last context frame first): its clip
-    equals a rollout built that way, and differs from one with the chosen actions a step late."""
+def test_imagination_rolls_out_the_chosen_then_the_deranged_actions(ds, worlds, runs):
+    """Imagination conditions the world model on the real actions of the context and on the chosen
+    action j at transition c-1+j (the move out of the last context frame first): its clips equal
+    rollouts built that way, and differ from ones with the chosen actions a step late. The control
+    rolls the same states out under the chosen actions of sequence perm[i]: an extractor that
+    recognises each reference video recovers exactly the chosen actions from the first pass and
+    the deranged ones from the second (in an action-sensitive world the two differ)."""
     paths = worlds[ds]
-    cfg = policy_config()
-    model, meta = load_model(runs[ds][1], "policy")
+    policy = lib.Policy.load(runs[ds][1], "cpu")
     world = action_sensitive(World.load(paths["dynamics"], paths["tokenizer"]))
-    lat, act, frames = (EpisodeStore.open(paths[k]) for k in ("latents", "actions", "frames"))
-    val = np.array(meta["val_episodes"])
-    coder = stage.fit_coder(cfg, act, np.setdiff1d(np.arange(lat.n_episodes), val))
-    c, h = int(world.meta["context_frames"]), cfg.horizon
-    seen = []
-
-    def recording_extractor(clip, rows, context):
-        seen.append((clip, rows, context))
-        return np.zeros((len(clip), h), np.int64)
-
-    imag, clips = stage.imagination(model, coder, cfg, world, lat, act, frames, val, recording_extractor,
-                                    meta["state_kind"])
-    (clip_seen, rows, context), = seen
-    assert context == c and clip_seen.shape[1] == h + 1 and len(clips) == len(rows) == 4
-    assert np.array_equal(clip_seen, np.stack(clips)[:, c - 1 :])      # the extractor starts at frame c-1
+    lat, act = EpisodeStore.open(paths["latents"]), EpisodeStore.open(paths["actions"])
+    _, val_ids = split(worlds, ds)
+    coder, c, h, seed = policy.coder, CONTEXT, policy.horizon, 3
 
     # the reference, written from the convention
-    gen = torch.Generator().manual_seed(cfg.eval.seed + 1)
+    rows = window_index(lat.episode_ends, val_ids, c + h, c + h)
+    rows = np.unique(rows[np.linspace(0, len(rows) - 1, min(len(rows), 4)).round().astype(int)], axis=0)
     window = lambda key: np.stack([act.array(key)[a:b] for a, b in rows])  # noqa: E731
     latents = np.stack([lat.array(LATENTS_KEY)[a:b] for a, b in rows])
-    state = stage.state_layout(torch.from_numpy(latents[:, c - cfg.state_frames : c]), meta["state_kind"])
-    ids = stage.sample(model, state, cfg, gen)
+    state = lib.state_layout(torch.from_numpy(latents[:, c - 2 : c]), policy.state_kind)
     real = torch.from_numpy(window(ACTION_CLASS_KEY)).long() if coder.discrete else torch.from_numpy(window(ACTIONS_KEY))
-    chosen = coder.dynamics_input(ids)
+    past = lib.past_ids(window(ACTIONS_KEY), window(ACTION_CLASS_KEY) if coder.discrete else None, c - 1, 1, coder)
+    chosen = policy.act(state, torch.Generator().manual_seed(seed), past=past)
+    perm = derangement(len(rows), np.random.default_rng(seed))
     context = world.latents(latents[:, :c])
 
-    def rollout(first: int) -> np.ndarray:
+    def rollout(ids: torch.Tensor, first: int) -> np.ndarray:
         cond, valid = real.clone(), torch.from_numpy(window(VALID_KEY)).clone()
-        cond[:, first : first + h] = chosen[:, : c + h - first]
+        cond[:, first : first + h] = coder.dynamics_input(ids)[:, : c + h - first]
         valid[:, first : first + h] = True
-        g = torch.Generator().manual_seed(0)
-        g.set_state(state_after_sampling)
-        z = world.rollout(context, cond, valid, h, generator=g)
+        z = world.rollout(context, cond, valid, h, generator=torch.Generator().manual_seed(seed + 1))
         return world.decode(torch.cat([context, z], dim=1))
 
-    state_after_sampling = gen.get_state()
-    want = rollout(c - 1)
-    assert np.array_equal(np.stack(clips), want)
-    assert not np.allclose(rollout(c), want, atol=1e-3)      # a step late: another video
-    assert imag["imagined_action_counts"] == np.bincount(ids.reshape(-1).numpy(), minlength=coder.n_actions).tolist()
+    want, want_deranged = rollout(chosen, c - 1), rollout(chosen[perm], c - 1)
+    assert not np.allclose(want, want_deranged, atol=1e-3)            # the actions show
+    assert not np.allclose(rollout(chosen, c), want, atol=1e-3)       # a step late: another video
+    table = {}
+    for i in range(len(rows)):
+        table[(i, want[i, c - 1 :].tobytes())] = chosen[i].numpy()
+        table[(i, want_deranged[i, c - 1 :].tobytes())] = chosen[perm[i]].numpy()
 
+    def recognising_extractor(clip, part, context_frames):
+        assert context_frames == c and clip.shape[1] == h + 1         # from the last context frame on
+        index = [int(np.flatnonzero((rows == r).all(1))[0]) for r in part]
+        return np.stack([table.get((i, x.tobytes()), np.full(h, -1)) for i, x in zip(index, clip)])
 
-# -- params checks ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("ds,over,message", [
-    ("gameplay", {"state_frames": 3}, r"policy\.gameplay\.state_frames \(3\) exceeds the dynamics context \(2 frames\)"),
-    ("mnist", {"horizon": 3}, r"policy\.mnist\.horizon \(3\) \+ the dynamics context \(2 frames\) exceed .*max_frames 4"),
-])
-def test_imagination_that_cannot_run_is_refused_before_training(ds, over, message, worlds, tmp_path):
-    """Guards: a state longer than the world model's context, or (masked world models, which do
-    not slide) a context + horizon beyond the model's frames, failed only after both models trained."""
-    with pytest.raises(ParamsError, match=message):
-        stage.run(policy_config(**over), ds, worlds[ds], tmp_path / "policy", tmp_path / "gifs", tmp_path / "work",
-                  where=f"policy.{ds}", extractor_cfg=KINDS[ds][3], loader=NO_WORKERS)
-    assert not (tmp_path / "work").exists() and not (tmp_path / "policy").exists()
-    assert not (tmp_path / "gifs").exists()
+    out = imagination.imagine(policy, world, lat, act, val_ids, c, EVAL, recognising_extractor, seed)
+    assert np.array_equal(out["rows"], rows) and np.array_equal(out["perm"], perm)
+    assert np.array_equal(out["chosen"], chosen.numpy())
+    assert np.array_equal(out["clips"], want)
+    assert np.array_equal(out["recovered"], out["chosen"])
+    assert np.array_equal(out["deranged"], out["chosen"][perm])
+    assert np.array_equal(out["recovered_deranged"], out["deranged"])
+    assert not np.array_equal(out["recovered_deranged"], out["chosen"])
 
 
 @pytest.mark.parametrize("ds", list(KINDS))
-def test_training_pairs_take_the_actions_from_the_current_frame_on(ds, worlds):
-    """A training pair is the state (frames 0..K-1 of a window; K-1 the current frame) and the ids
-    of transitions K-1 .. K+H-2: the first target is the move out of the current frame."""
-    paths = worlds[ds]
-    cfg = policy_config(state_frames=3, horizon=4, model={"past_actions": 2})
-    act = EpisodeStore.open(paths["actions"])
-    coder = stage.fit_coder(cfg, act, np.arange(act.n_episodes))
-    names = [LATENTS_KEY, ACTIONS_KEY, VALID_KEY] + ([ACTION_CLASS_KEY] if coder.discrete else [])
-    rows = window_index(act.episode_ends, [0, 3], cfg.window, 2)
-    stores = {LATENTS_KEY: EpisodeStore.open(paths["latents"]), ACTIONS_KEY: act, VALID_KEY: act, ACTION_CLASS_KEY: act}
-    batch = {k: torch.from_numpy(np.stack([stores[k].array(k)[a:b] for a, b in rows])) for k in names}
-    kind = "tokens" if ds == "mnist" else "continuous"
-    state, ids, past = stage.split_batch(batch, cfg, coder, kind)
-    assert state.shape[:2] == (len(rows), 3) and ids.shape == (len(rows), 4) and past.shape == (len(rows), 2)
-    assert torch.equal(state.float().flatten(2), batch[LATENTS_KEY][:, :3].float().flatten(2))
-    for i, (a, _) in enumerate(rows):
-        if coder.discrete:
-            want = act.array(ACTION_CLASS_KEY)[a + 2 : a + 6]
-        else:
-            want = coder.ids(act.array(ACTIONS_KEY)[a + 2 : a + 6])
-        assert ids[i].tolist() == np.asarray(want).tolist(), (i, a)
-        # the past: the moves into the current frame (transitions 0 and 1 of the window)
-        if coder.discrete:
-            before = np.clip(act.array(ACTION_CLASS_KEY)[a : a + 2], 0, None)
-        else:
-            before = coder.ids(act.array(ACTIONS_KEY)[a : a + 2])
-        assert past[i].tolist() == np.asarray(before).tolist(), (i, a)
+def test_imagination_that_cannot_run_is_refused(ds, worlds):
+    """Guards, before any work, on the real world models: a state longer than the context, and
+    (masked world models, which do not slide) a context + horizon beyond the model's frames."""
+    world = World.load(worlds[ds]["dynamics"], worlds[ds]["tokenizer"])
+    where = f"evaluate.{ds}"
+    imagination.check_imagination(policy_config(), world, CONTEXT, where)
+    with pytest.raises(ParamsError, match=rf"{where}\.context_frames \(2\) is shorter than the policy's "
+                                          rf"state_frames \(3\)"):
+        imagination.check_imagination(policy_config(state_frames=3), world, CONTEXT, where)
+    max_frames = int(world.dynamics.cfg.max_frames)
+    too_long = policy_config(horizon=max_frames - CONTEXT + 1)
+    if ds == "mnist":  # masked
+        with pytest.raises(ParamsError, match=rf"horizon \({too_long.horizon}\) \+ {where}\.context_frames \(2\) "
+                                              rf"exceed the masked world model's max_frames {max_frames}"):
+            imagination.check_imagination(too_long, world, CONTEXT, where)
+    else:              # flow slides past its max_frames
+        imagination.check_imagination(too_long, world, CONTEXT, where)
