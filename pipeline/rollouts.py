@@ -149,15 +149,16 @@ def sq_gradient(x: np.ndarray) -> np.ndarray:
     return dy.reshape(*x.shape[:-3], -1).mean(-1) + dx.reshape(*x.shape[:-3], -1).mean(-1)
 
 
-def ssim_frames(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+def ssim_frames(pred: np.ndarray, target: np.ndarray, chunk: int = 256) -> np.ndarray:
     """SSIM (torchmetrics: Gaussian 11x11, sigma 1.5, data range 1) of each frame of (N, H, h, w, c): (N, H)."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     n, hz = pred.shape[:2]
     p = torch.from_numpy(np.ascontiguousarray(pred, np.float32)).flatten(0, 1).movedim(-1, 1)
     t = torch.from_numpy(np.ascontiguousarray(target, np.float32)).flatten(0, 1).movedim(-1, 1)
-    out = structural_similarity_index_measure(p.double(), t.double(), data_range=1.0, reduction="none")
-    return out.reshape(n, hz).numpy()
+    out = [structural_similarity_index_measure(p[i : i + chunk], t[i : i + chunk], data_range=1.0, reduction="none")
+           for i in range(0, len(p), chunk)]  # in chunks: torchmetrics pads and stacks five copies of its input
+    return torch.cat(out).double().reshape(n, hz).numpy()
 
 
 def lpips_frames(lpips_fn, pred: np.ndarray, target: np.ndarray, device: torch.device) -> np.ndarray:

@@ -589,3 +589,19 @@ def test_context_copies_make_every_frame_after_min_context_a_target():
     assert torch.isfinite(loss) and parts["target_share"] == pytest.approx(4 / 6)
     assert parts["bootstrap_rows"] == 2
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_the_window_slides_by_half_its_length():
+    """A long rollout keeps between max_frames // 2 and max_frames - 1 past frames, and its window
+    (so its cache) moves once every max_frames // 2 frames, not at every frame."""
+    from models.flow_dynamics import window_start
+
+    starts, start = [], 0
+    for now in range(3, 40):
+        start = window_start(now, start, 8)
+        starts.append(start)
+        assert 4 <= now - start <= 7 or (start == 0 and now <= 7), (now, start)
+    assert starts[:5] == [0] * 5                                     # frames 3..7: the window from 0 holds them
+    assert starts[5] == 4 and starts[8] == 4 and starts[9] == 8      # frame 8 slides to 4; frame 12 to 8
+    assert len(set(starts)) == 1 + (39 - 8) // 4 + 1                  # one move per 4 frames
+    assert window_start(5, 0, 2) == 4 and window_start(9, 0, 1) == 8  # tiny windows still move forward
