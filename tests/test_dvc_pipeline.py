@@ -35,7 +35,7 @@ SHRINK = {
                            "masked": {"dim": 16, "heads": 2, "depth": 1, "mlp_ratio": 2, "sample_steps": 2},
                            "train": {"steps": 4, "batch_size": 2, "warmup_steps": 1, "log_every": 2, "ckpt_every": 2}}},
     "policy": {"mnist": {"state_frames": 2, "horizon": 2,
-                         "model": {"dim": 16, "heads": 2, "depth": 1, "mlp_ratio": 2},
+                         "model": {"dim": 16, "heads": 2, "depth": 1, "mlp_ratio": 2, "past_actions": 1},
                          "mlp": {"hidden": 16, "layers": 1, "train": {"steps": 4, "batch_size": 8, "warmup_steps": 1}},
                          "train": {"steps": 4, "batch_size": 8, "warmup_steps": 1}}},
     "evaluate": {"mnist": {"context_frames": 3, "horizon": 3, "bootstrap": 20, "speed_frames": 2,
@@ -190,6 +190,22 @@ def test_evaluation_param_reruns_only_evaluate(repo, first_repro):
     assert lock["stages"]["evaluate@mnist"]["params"]["params.yaml"]["evaluate.mnist"]["bootstrap"] == 21
 
 
+def test_deps_rerun_exactly_what_they_touch(repo, first_repro):
+    """Both directions: a param no stage output depends on (`loader.num_workers`) reruns nothing;
+    a change to code one stage family runs (pipeline/motion.py) reruns exactly those stages."""
+    path, env = repo
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["loader"]["num_workers"] = 1
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = run(["dvc", "repro", *STAGES], path, env)
+    assert ran_stages(proc.stdout) == [], proc.stdout
+    motion = path / "pipeline" / "motion.py"
+    motion.write_text(motion.read_text() + "\n# a comment: the code changed\n")
+    proc = run(["dvc", "repro", *STAGES], path, env)
+    # evaluate@mnist runs the actions stage's extractor on predicted frames; its data came out the same
+    assert ran_stages(proc.stdout) == ["actions@gameplay", "actions@mnist", "evaluate@mnist"], proc.stdout
+
+
 def test_forced_rerun_on_other_cpu_code_is_byte_identical(repo, first_repro, tmp_path):
     """Guards issue 18: the data outputs (videos, frame stores, actions, quantize latents) are the
     same bytes on every machine. A forced rerun as on another CPU (FFmpeg's C code, through a
@@ -222,17 +238,3 @@ def test_forced_rerun_on_other_cpu_code_is_byte_identical(repo, first_repro, tmp
             assert again[key] == value, key
 
 
-def test_deps_rerun_exactly_what_they_touch(repo, first_repro):
-    """Both directions: a param no stage output depends on (`loader.num_workers`) reruns nothing;
-    a change to code one stage family runs (pipeline/motion.py) reruns exactly those stages."""
-    path, env = repo
-    params = yaml.safe_load((path / "params.yaml").read_text())
-    params["loader"]["num_workers"] = 1
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    proc = run(["dvc", "repro", *STAGES], path, env)
-    assert ran_stages(proc.stdout) == [], proc.stdout
-    motion = path / "pipeline" / "motion.py"
-    motion.write_text(motion.read_text() + "\n# a comment: the code changed\n")
-    proc = run(["dvc", "repro", *STAGES], path, env)
-    # evaluate@mnist runs the actions stage's extractor on predicted frames; its data came out the same
-    assert ran_stages(proc.stdout) == ["actions@gameplay", "actions@mnist", "evaluate@mnist"], proc.stdout
