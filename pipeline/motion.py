@@ -27,7 +27,12 @@ def to_gray(frames: np.ndarray) -> np.ndarray:
     """uint8 frames ``(..., H, W, C)`` (C in 1, 3) or ``(..., H, W)`` → float32 luma in [0, 1]."""
     f = np.asarray(frames)
     if f.ndim >= 3 and f.shape[-1] == 3:
-        return (f.astype(np.float32) @ _LUMA) / 255.0
+        # Element-wise multiplies and adds, each rounded once in float32: the same bytes on every
+        # CPU. Not ``f @ _LUMA``: NumPy hands that to OpenBLAS, whose kernel (chosen at run time by
+        # the CPU: Haswell, Zen, SkylakeX...) sums in another order; the gameplay actions store
+        # differed between an AMD Zen 2 and an Intel AVX-512 machine.
+        c = f.astype(np.float32)
+        return (c[..., 0] * _LUMA[0] + c[..., 1] * _LUMA[1] + c[..., 2] * _LUMA[2]) / np.float32(255)
     if f.ndim >= 3 and f.shape[-1] == 1:
         f = f[..., 0]
     return f.astype(np.float32) / 255.0

@@ -212,23 +212,27 @@ def test_tracker_stays_on_its_digit_through_an_overlap():
 def test_estimates_are_the_same_bytes_on_other_cpu_code(tmp_path):
     """Guards issue 18: NumPy's complex multiply runs other SIMD code on other CPUs (fused
     multiply-adds from AVX2 on), so the sub-pixel shifts, and the gameplay actions store, differed
-    with NumPy's x86-64-v3 code turned off. Each estimator must give the same bytes in a fresh
-    process as on another CPU (tests.pipeline.test_video.run_fresh)."""
+    with NumPy's x86-64-v3 code turned off; and ``to_gray`` was a matrix product, which OpenBLAS
+    sums in another order on each kind of CPU (the gameplay actions store differed between an AMD
+    Zen 2 and an Intel AVX-512 machine). Each must give the same bytes in a fresh process as on
+    another CPU (tests.pipeline.test_video.run_fresh)."""
     from tests.pipeline.test_video import run_fresh
 
     rng = np.random.default_rng(1)
     a = rng.random((64, 48, 48)).astype(np.float32)
     b = np.roll(a, 2, axis=2)  # no shift in y: its sub-pixel offset is what is left of a cancellation
-    np.savez(tmp_path / "pairs.npz", a=a, b=b)
+    rgb = rng.integers(0, 256, (16, 72, 72, 3), dtype=np.uint8)
+    np.savez(tmp_path / "pairs.npz", a=a, b=b, rgb=rgb)
     code = (
         "import sys, numpy as np; from pipeline import motion\n"
         "p = np.load(sys.argv[1]); a, b = p['a'], p['b']\n"
         "np.savez(sys.argv[2], bm=motion.block_matching(a, b, max_shift=6, subpixel=True),\n"
-        "         pc=motion.phase_correlation(a, b, max_shift=6, subpixel=True))\n"
+        "         pc=motion.phase_correlation(a, b, max_shift=6, subpixel=True), gray=motion.to_gray(p['rgb']))\n"
     )
     here = {
         "bm": motion.block_matching(a, b, max_shift=6, subpixel=True),
         "pc": motion.phase_correlation(a, b, max_shift=6, subpixel=True),
+        "gray": motion.to_gray(rgb),
     }
     run_fresh(code, str(tmp_path / "pairs.npz"), str(tmp_path / "fresh.npz"))
     fresh = np.load(tmp_path / "fresh.npz")

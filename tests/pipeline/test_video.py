@@ -28,11 +28,13 @@ FFMPEG_C_ONLY = (
 )
 # The rest of another CPU, where a switch exists: NumPy without its x86-64-v3/v4 dispatch targets,
 # PyTorch's ATen on its default kernels (no AVX), glibc (libm's exp/log/pow/cos, memcpy) without
-# AVX-512, AVX2, FMA or AVX.
+# AVX-512, AVX2, FMA or AVX, and NumPy's OpenBLAS on its oldest x86-64 kernels (it picks Haswell,
+# Zen, SkylakeX... by the CPU, and each sums a matrix product in its own order).
 OTHER_CPU_ENV = {
     "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR",
     "ATEN_CPU_CAPABILITY": "default",
     "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F,-AVX2,-FMA,-AVX",
+    "OPENBLAS_CORETYPE": "Prescott",
 }
 # x264's options spelled out here, its C code: the bytes every CPU must give.
 X264_C = "asm=0:threads=1:lookahead-threads=1:sliced-threads=0:non-deterministic=0"
