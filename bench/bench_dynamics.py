@@ -1,20 +1,34 @@
 """Dynamics: shortcut rollouts, the key/value cache, training throughput (and a GPU profile).
 
+The ``shortcut`` and ``cache`` sections (and the ``gpu`` section's imagined frames) roll out the
+evaluate stage's **test windows**, the frames its headline figures come from, built as
+``stages/evaluate.py`` builds them, through the same library calls: the tokenizer's held-out
+episodes (``pipeline.evaluation.held_out_split``) split by ``test_fraction`` / ``split_seed``
+(``split_held_out``: the test part), windows of ``context_frames + horizon`` frames ``stride``
+apart, at most ``max_windows`` evenly picked (``pipeline.rollouts.eval_windows``), read by
+``pipeline.rollouts.load_windows``. Their params are ``evaluate.<item>`` of params.yaml
+(``pipeline.rollouts.Config``: context, horizon, batch size, seed, ``psnr_cap``, ``sweep``,
+``device``); the world model is ``World.load`` of ``<data-root>/<item>/dynamics`` and its tokenizer.
+
 Four sections, in one run (``--sections``, default all), per dataset (``--item``, default both;
 the family is the trained model's, else ``dynamics.<item>.family`` of params.yaml):
 
-- ``shortcut`` (flow models): the trained model of ``<data-root>/<item>/dynamics`` rolls out the
-  held-out sequences of the stage's evaluation (``pipeline.dynamics.held_out_sequences``,
-  ``eval.sweep_sequences`` of them, context and horizon as the model was evaluated) through
-  ``pipeline.dynamics.rollout_frames`` at K = 4 and K = k_max Euler steps per frame; seconds per
-  generated frame (the rollout only, decoding not timed) and PSNR of the decoded frames against
-  the true frames. ``speedup_4_vs_<k_max>`` (goal >= 10) and ``psnr_drop_4_vs_<k_max>`` (goal
-  <= 0.5 dB). Needs the trained model: the benchmark never trains one, and exits with 2 when it
-  is missing.
+- ``shortcut`` (flow models; a masked model records why it is skipped): the trained model rolls
+  out every test window over its first ``sweep.horizon`` predicted frames (the stage's
+  sampling-steps sweep; the whole horizon where ``sweep`` is null) through
+  ``pipeline.rollouts.timed_rollouts`` at K = 4 and K = k_max Euler steps per frame, in
+  ``--rounds`` rounds interleaved over K: seconds per generated frame (the rollout only, decoding
+  not timed; median of the rounds) and PSNR of the decoded frames against the true frames
+  (``pipeline.rollouts.frame_scores``, per frame capped at ``psnr_cap``, the mean; the rollouts
+  are seeded, so the first round's). ``speedup_4_vs_<k_max>`` (goal >= 10) and
+  ``psnr_drop_4_vs_<k_max>`` (goal <= 0.5 dB). Needs the trained model: the benchmark never
+  trains one, and exits with 2 when it is missing.
 - ``cache`` (either family, every item whose trained model exists): ``World.rollout`` of one
-  evaluation batch with the key/value cache against without, same seeded generator; seconds per
-  frame, their ratio, and whether the outputs agree (flow: allclose at atol 1e-4, masked: equal
-  token ids) with the largest difference.
+  batch (the first ``batch_size`` test windows, ``context_frames`` given, ``min(horizon,
+  --cache-horizon)`` predicted: the uncached rollout is slow on a CPU) with the key/value cache
+  against without, the same generator seeded with ``seed``; seconds per frame, their ratio, and
+  whether the outputs agree (flow: allclose at atol 1e-4, masked: equal token ids) with the
+  largest difference.
 - ``train`` (either family; data only, no trained model needed): latent tokens/s (frames x patch
   tokens per frame) of the stage's own path, ``pipeline.train.train`` driving
   ``pipeline.dynamics.loss_function`` over ``pipeline.dynamics.alternating_batches`` of the real
@@ -32,7 +46,8 @@ the family is the trained model's, else ``dynamics.<item>.family`` of params.yam
   against the card's dense bf16 peak, and imagined frames per second at 64x64 (``World.rollout``
   with the cache at the default ``sample_steps``, plus decoding through the tokenizer, of
   ``--gpu-batch`` sequences; the untrained GPU-profile model: its speed does not depend on its
-  weights). Without CUDA: ``"gpu": "not available on this machine"``.
+  weights; the test windows, ``context_frames`` -> ``horizon``, of ``evaluate.<item>``). Without
+  CUDA: ``"gpu": "not available on this machine"``.
 
 Every timed region also gives the process tree's CPU time (user + system, DataLoader workers
 included) per wall second; the load average is recorded before and after: this machine is shared.
@@ -41,6 +56,7 @@ Run from the repository root::
 
     .venv/bin/python -m bench.bench_dynamics [--item gameplay|mnist] [--rounds 3] [--steps 20]
         [--warmup 3] [--sections shortcut,cache,train,gpu] [--data-root data] [--threads 0]
+        [--cache-horizon 16]
 
 On a 2-core machine shared with other jobs, torch's default of 2 intra-op threads can make the
 small ops of these models many times slower (each parallel op waits for a thread that another job
@@ -66,7 +82,7 @@ import torch
 from bench.common import report, tree_cpu_seconds
 from pipeline.checkpoint import load_model, read_meta
 from pipeline.config import load_section
-from pipeline.evaluation import held_out_split, horizon_errors
+from pipeline.evaluation import held_out_split, split_held_out
 from pipeline.paths import (
     ACTION_CLASS_KEY,
     ACTIONS_KEY,
@@ -82,6 +98,7 @@ from pipeline.paths import (
     tokenizer_dir,
 )
 from pipeline import dynamics as dyn
+from pipeline import rollouts
 from pipeline.reader import LoaderConfig, WindowDataset
 from pipeline.store import EpisodeStore
 from pipeline.train import resolve_device, train, use_bf16
@@ -150,23 +167,25 @@ def family_of(cfg: dyn.Config, paths: dict[str, Path]) -> str:
     return read_meta(paths["dynamics"], "dynamics")["kind"] if has_model(paths) else cfg.family
 
 
-def eval_config(cfg: dyn.Config, world: World) -> dyn.Config:
-    """The params' block with the context and horizon the trained model was evaluated at."""
-    ev = cfg.eval.model_copy(update={"context_frames": int(world.meta["context_frames"]),
-                                     "horizon": int(world.meta["horizon"])})
-    return cfg.model_copy(update={"eval": ev})
-
-
 def stores(paths: dict[str, Path]) -> tuple[EpisodeStore, EpisodeStore, EpisodeStore]:
     return (EpisodeStore.open(paths["latents"]), EpisodeStore.open(paths["actions"]),
             EpisodeStore.open(paths["frames"]))
 
 
-def held_out(world: World, cfg: dyn.Config, paths: dict[str, Path]) -> dict[str, np.ndarray]:
-    """The stage's held-out evaluation sequences for the trained model (its ``val_episodes``)."""
+def test_windows(ecfg: rollouts.Config, tok_meta: dict, paths: dict[str, Path],
+                 dyn_meta: dict | None = None) -> dict[str, np.ndarray]:
+    """The evaluate stage's test windows (as ``stages/evaluate.run`` builds them): the tokenizer's
+    held-out episodes, their test part (``split_held_out``), windows of ``context_frames +
+    horizon`` frames (``eval_windows``), read by ``load_windows``. With ``dyn_meta`` (a trained
+    model's) its held-out episodes must be the tokenizer's, as the stage checks."""
     lat, act, frames = stores(paths)
-    return dyn.held_out_sequences(cfg, lat, act, frames, np.asarray(world.meta["val_episodes"]),
-                                  cfg.eval.max_sequences)
+    where = str(paths["tokenizer"])
+    _, held = held_out_split(lat.n_episodes, tok_meta["val_episodes"], where)
+    if dyn_meta is not None and sorted(dyn_meta.get("val_episodes", [])) != held.tolist():
+        fail(f"{paths['dynamics']}: trained with other held-out episodes than {where}; rerun the dynamics stage")
+    _, test_ids = split_held_out(held, ecfg.test_fraction, ecfg.split_seed, where)
+    rows, _ = rollouts.eval_windows(lat, test_ids, ecfg.length, ecfg.stride, ecfg.max_windows)
+    return rollouts.load_windows(rows, lat, act, frames)
 
 
 def batch_inputs(world: World, seqs: dict[str, np.ndarray], c: int, idx: np.ndarray
@@ -178,6 +197,16 @@ def batch_inputs(world: World, seqs: dict[str, np.ndarray], c: int, idx: np.ndar
     return world.latents(seqs[LATENTS_KEY][idx, :c]), acts, valid
 
 
+def warm_up(world: World, seqs: dict[str, np.ndarray], c: int, n: int, steps: int | None = None) -> None:
+    """One untimed one-frame rollout of the first ``n`` windows, with the cache and without: the
+    first call's one-off costs (allocations, thread start-up) fall on no timed region (they made
+    the first timed rollout of a run up to 10x slower)."""
+    context, acts, valid = batch_inputs(world, seqs, c, np.arange(min(n, len(seqs[LATENTS_KEY]))))
+    for cache in (True, False):
+        gen = torch.Generator(device=world.device).manual_seed(0)
+        world.rollout(context, acts, valid, 1, steps=steps, generator=gen, cache=cache)
+
+
 def tokens_per_frame(model: torch.nn.Module) -> int:
     cfg = model.cfg
     return int(cfg.tokens_per_frame if hasattr(cfg, "tokens_per_frame") else cfg.patches)
@@ -186,28 +215,35 @@ def tokens_per_frame(model: torch.nn.Module) -> int:
 # -- 1. shortcut: K = 4 against K = k_max ------------------------------------------------------
 
 
-def bench_shortcut(world: World, cfg: dyn.Config, seqs: dict[str, np.ndarray], rounds: int) -> dict:
+def shortcut_horizon(ecfg: rollouts.Config) -> int:
+    """The predicted frames the shortcut section scores: the stage's sweep's, else the horizon."""
+    return ecfg.sweep.horizon if ecfg.sweep is not None else ecfg.horizon
+
+
+def bench_shortcut(world: World, ecfg: rollouts.Config, seqs: dict[str, np.ndarray], rounds: int) -> dict:
     k_max = int(world.dynamics.cfg.k_max)
     ks = sorted({min(4, k_max), k_max})
-    c = cfg.eval.context_frames
-    n = min(cfg.eval.sweep_sequences, len(seqs[LATENTS_KEY]))
-    target = seqs[FRAMES_KEY][:n, c:].astype(np.float32) / 255
+    c, h = ecfg.context_frames, shortcut_horizon(ecfg)
+    n = len(seqs[LATENTS_KEY])
+    target = seqs[FRAMES_KEY][:, c : c + h].astype(np.float32) / 255
     secs: dict[int, list[float]] = {k: [] for k in ks}
     cpu: dict[int, list[float]] = {k: [] for k in ks}
     psnr: dict[int, float] = {}
+    warm_up(world, seqs, c, ecfg.batch_size, steps=ks[0])
     for r in range(rounds):
         for k in ks if r % 2 == 0 else ks[::-1]:
             with Clock(world.device) as clock:
-                pred, sec = dyn.rollout_frames(world, seqs, cfg, steps=k, limit=n)
+                pred, sec = rollouts.timed_rollouts(world, seqs, ecfg, k, h, decode=k not in psnr)
             secs[k].append(sec)
             cpu[k].append(clock.cpu / clock.wall)
-            p = float(horizon_errors(pred, target)["psnr"].mean())
-            psnr.setdefault(k, p)  # the generator is seeded: the same frames every round
+            if pred is not None:  # the generator is seeded: the same frames every round
+                psnr[k] = float(rollouts.frame_scores(pred, target, ecfg.psnr_cap)["psnr"].mean())
     lo, hi = ks[0], ks[-1]
     speedup = median(secs[hi]) / median(secs[lo])
     drop = psnr[hi] - psnr[lo]
     return {
-        "sequences": n, "context_frames": c, "horizon": cfg.eval.horizon, "k_max": k_max,
+        "sequences": n, "context_frames": c, "horizon": h, "k_max": k_max, "batch_size": ecfg.batch_size,
+        "psnr_cap": ecfg.psnr_cap,
         "seconds_per_frame": {str(k): rnd(median(v)) for k, v in secs.items()},
         "seconds_per_frame_rounds": {str(k): [rnd(s) for s in v] for k, v in secs.items()},
         "cpu_per_wall": {str(k): rnd(median(v), 3) for k, v in cpu.items()},
@@ -222,16 +258,20 @@ def bench_shortcut(world: World, cfg: dyn.Config, seqs: dict[str, np.ndarray], r
 # -- 2. cached against uncached rollout --------------------------------------------------------
 
 
-def bench_cache(world: World, cfg: dyn.Config, seqs: dict[str, np.ndarray], rounds: int) -> dict:
-    c, h = cfg.eval.context_frames, cfg.eval.horizon
-    n = min(cfg.eval.batch_size, len(seqs[LATENTS_KEY]))
+def bench_cache(world: World, ecfg: rollouts.Config, seqs: dict[str, np.ndarray], rounds: int,
+                max_horizon: int) -> dict:
+    c, h = ecfg.context_frames, min(ecfg.horizon, max_horizon)
+    if world.family == "masked":  # no sliding window: at most its temporal positions
+        h = min(h, int(world.dynamics.cfg.max_frames) - c)
+    n = min(ecfg.batch_size, len(seqs[LATENTS_KEY]))
     context, acts, valid = batch_inputs(world, seqs, c, np.arange(n))
     secs: dict[bool, list[float]] = {True: [], False: []}
     cpu: dict[bool, list[float]] = {True: [], False: []}
     out: dict[bool, torch.Tensor] = {}
+    warm_up(world, seqs, c, n)
     for r in range(rounds):
         for cache in (True, False) if r % 2 == 0 else (False, True):
-            gen = torch.Generator(device=world.device).manual_seed(cfg.eval.seed)
+            gen = torch.Generator(device=world.device).manual_seed(ecfg.seed)
             with Clock(world.device) as clock:
                 z = world.rollout(context, acts, valid, h, generator=gen, cache=cache)
             secs[cache].append(clock.wall / (n * h))
@@ -246,10 +286,11 @@ def bench_cache(world: World, cfg: dyn.Config, seqs: dict[str, np.ndarray], roun
         differ = (a != b).flatten(2).any(-1)  # (B, horizon): frames with a differing token
         first = [int(row.nonzero()[0]) for row in differ if row.any()]
         agree = {"identical": bool(torch.equal(a, b)), "differing_tokens": int((a != b).sum()),
-                 "tokens": int(a.numel()), "max_abs_id_diff": int((a - b).abs().max()),
+                 "tokens": int(a.numel()), "max_abs_id_diff": int((a.long() - b.long()).abs().max()),
                  "sequences_differing": len(first), "first_differing_frame": min(first) if first else None}
     return {
         "family": world.family, "sequences": n, "context_frames": c, "horizon": h,
+        "evaluate_horizon": ecfg.horizon, "seed": ecfg.seed,
         "steps": int(world.meta["sample"]["steps"]),
         **({"decode": world.meta["sample"].get("decode", "maskgit")} if world.family == "masked" else {}),
         "seconds_per_frame": {"cached": rnd(median(secs[True])), "uncached": rnd(median(secs[False]))},
@@ -415,19 +456,21 @@ def gpu_profile(cfg: dyn.Config) -> dyn.Config:
     return cfg.model_copy(update={fam: sizes, "train": cfg.train.model_copy(update={"batch_size": GPU_BATCH_SIZE})})
 
 
-def imagined_fps(setup: TrainingSetup, paths: dict[str, Path], rounds: int, batch: int, device: torch.device) -> dict:
+def imagined_fps(setup: TrainingSetup, ecfg: rollouts.Config, paths: dict[str, Path], rounds: int, batch: int,
+                 device: torch.device) -> dict:
     """Frames/s of ``World.rollout`` (cache on, the params' sample steps) plus decoding to pixels,
-    ``batch`` held-out sequences at once (repeated when fewer), the untrained GPU-profile model."""
+    ``batch`` test windows at once (repeated when fewer), ``context_frames`` -> ``horizon`` of
+    ``ecfg`` (masked: at most its temporal positions), the untrained GPU-profile model."""
     cfg = setup.cfg
     tokenizer, tok_meta = load_model(paths["tokenizer"], "tokenizer", device)
     meta = {"kind": cfg.family, "action_input": cfg.action_input, "sample": dyn.sample_settings(cfg),
             "latent_norm": setup.norm}
     world = World(setup.model(device).eval(), meta, tokenizer, tok_meta, device)
-    lat, act, frames = stores(paths)
-    _, val_ids = held_out_split(lat.n_episodes, tok_meta["val_episodes"], str(paths["tokenizer"]))
-    seqs = dyn.held_out_sequences(cfg, lat, act, frames, val_ids, batch)
+    seqs = test_windows(ecfg, tok_meta, paths)
     idx = np.resize(np.arange(len(seqs[LATENTS_KEY])), batch)
-    c, h = cfg.eval.context_frames, cfg.eval.horizon
+    c, h = ecfg.context_frames, ecfg.horizon
+    if world.family == "masked":  # no sliding window: at most its temporal positions
+        h = min(h, int(world.dynamics.cfg.max_frames) - c)
     context, acts, valid = batch_inputs(world, seqs, c, idx)
 
     def once() -> np.ndarray:
@@ -452,9 +495,11 @@ def bench_gpu(items: list[str], root: Path, loader: LoaderConfig, args) -> dict 
     out: dict = {"device_name": torch.cuda.get_device_name(device), "profile": {**GPU_PROFILE, "batch_size": GPU_BATCH_SIZE}}
     for item in items:
         cfg = gpu_profile(load_section("dynamics", dyn.Config, item=item))
+        ecfg = load_section("evaluate", rollouts.Config, item=item)
         setup = TrainingSetup(cfg, paths_for(root, item), loader, f"dynamics.{item}")
         out[item] = {"train": bench_train(setup, args.warmup, args.steps, args.rounds, device),
-                     "imagination": imagined_fps(setup, paths_for(root, item), args.rounds, args.gpu_batch, device)}
+                     "imagination": imagined_fps(setup, ecfg, paths_for(root, item), args.rounds, args.gpu_batch,
+                                                 device)}
     return out
 
 
@@ -482,6 +527,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed training steps per round")
     ap.add_argument("--warmup", type=int, default=3, help="untimed training steps before them")
     ap.add_argument("--gpu-batch", type=int, default=32, help="sequences rolled out at once for imagined frames/s")
+    ap.add_argument("--cache-horizon", type=int, default=16,
+                    help="cache section: at most this many predicted frames (the uncached rollout is slow on a CPU)")
     ap.add_argument("--data-root", type=Path, default=DATA,
                     help="directory laid out as the repository's data/ (e.g. /work/main/data)")
     ap.add_argument("--threads", type=int, default=0,
@@ -493,8 +540,9 @@ def main() -> None:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown or not sections:
         fail(f"--sections {args.sections!r}: unknown {unknown}; choose from {', '.join(SECTIONS)}")
-    if min(args.rounds, args.steps) < 1 or args.warmup < 0:
-        fail(f"--rounds ({args.rounds}) and --steps ({args.steps}) must be >= 1, --warmup ({args.warmup}) >= 0")
+    if min(args.rounds, args.steps, args.cache_horizon) < 1 or args.warmup < 0:
+        fail(f"--rounds ({args.rounds}), --steps ({args.steps}) and --cache-horizon ({args.cache_horizon}) must be "
+             f">= 1, --warmup ({args.warmup}) >= 0")
 
     if args.threads < 0:
         fail(f"--threads ({args.threads}) must be >= 0")
@@ -503,6 +551,7 @@ def main() -> None:
     root = args.data_root
     loader = load_section("loader", LoaderConfig)
     cfgs = {item: load_section("dynamics", dyn.Config, item=item) for item in items}
+    ecfgs = {item: load_section("evaluate", rollouts.Config, item=item) for item in items}
     paths = {item: paths_for(root, item) for item in items}
     # check the inputs before any work
     for item in items:
@@ -531,22 +580,31 @@ def main() -> None:
                      "torch_threads": torch.get_num_threads()}
     t_start = time.perf_counter()
     for item in items:
-        cfg, p = cfgs[item], paths[item]
+        cfg, ecfg, p = cfgs[item], ecfgs[item], paths[item]
         got: dict = {"family": families[item]}
+        if "shortcut" in sections and families[item] != "flow":
+            got["shortcut"] = f"skipped: the {families[item]} family has no shortcut steps (flow only)"
         if ("shortcut" in sections and families[item] == "flow") or "cache" in sections:
             if has_model(p):
-                device = resolve_device(cfg.train.device)
+                device = resolve_device(ecfg.device)  # as the evaluate stage
                 world = World.load(p["dynamics"], p["tokenizer"], device)
-                ecfg = eval_config(cfg, world)
-                seqs = held_out(world, ecfg, p)
+                try:
+                    seqs = test_windows(ecfg, world.tok_meta, p, world.meta)
+                except ValueError as exc:
+                    fail(f"{item}: the evaluate stage's test windows: {exc} (evaluate.{item}: context_frames + "
+                         f"horizon = {ecfg.length})")
                 got["model"] = {"path": str(p["dynamics"]), "device": str(device),
                                 "config": {k: v for k, v in world.meta["config"].items()
                                            if k in ("patch", "dim", "heads", "depth", "k_max")}}
+                got["test_windows"] = {"windows": int(len(seqs[LATENTS_KEY])), "context_frames": ecfg.context_frames,
+                                       "horizon": ecfg.horizon, "stride": ecfg.stride,
+                                       "max_windows": ecfg.max_windows, "test_fraction": ecfg.test_fraction,
+                                       "split_seed": ecfg.split_seed, "params": f"evaluate.{item}"}
                 if "shortcut" in sections and families[item] == "flow":
                     got["shortcut"] = bench_shortcut(world, ecfg, seqs, args.rounds)
                     progress(item, "shortcut", got["shortcut"])
                 if "cache" in sections:
-                    got["cache"] = bench_cache(world, ecfg, seqs, args.rounds)
+                    got["cache"] = bench_cache(world, ecfg, seqs, args.rounds, args.cache_horizon)
                     progress(item, "cache", got["cache"])
             elif "cache" in sections:
                 got["cache"] = f"no trained model at {p['dynamics']}"
