@@ -909,8 +909,10 @@ class MLPPolicyConfig:
     state_shape: tuple[int, ...] = (32, 32)
     state_vocab: int = 17
     token_dim: int = 4          # tokens: embedding width per cell before flattening
+    state_dim: int = 16         # the flattened state's linear projection (then LayerNorm); 0: none, raw into the MLP
     hidden: int = 256
     layers: int = 2             # hidden layers
+    dropout: float = 0.0        # on the state's features and after every hidden layer (training mode only)
     past_actions: int = 0       # the P action ids that led to the state's last frame, one-hot beside it
 
     def __post_init__(self):
@@ -922,6 +924,10 @@ class MLPPolicyConfig:
             raise ValueError(f"state_shape {self.state_shape} must have {want} dims for state_kind {self.state_kind!r}")
         if self.horizon < 1:
             raise ValueError(f"horizon {self.horizon} must be >= 1")
+        if self.state_dim < 0:
+            raise ValueError(f"state_dim {self.state_dim} must be >= 0 (0: no projection)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout {self.dropout} must be in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -934,9 +940,19 @@ class MLPPolicyConfig:
 
 
 class MLPPolicy(nn.Module):
-    """State-conditioned per-position classifier: the flattened state (token ids embedded per cell,
-    and the past action ids one-hot) through an MLP to logits (B, horizon, n_actions), one
-    independent distribution per horizon position (an output layer of horizon * n_actions)."""
+    """State-conditioned per-position classifier: logits (B, horizon, n_actions), one independent
+    distribution per horizon position (an output layer of horizon * n_actions).
+
+    Inputs: the flattened state (token ids embedded per cell, ``token_dim`` each; or the continuous
+    latents) and the past action ids one-hot. With ``state_dim`` > 0 the flattened state first goes
+    through a linear projection to ``state_dim`` features and a LayerNorm, and only then joins the
+    past actions: the state's thousands of inputs (12,288 on MNIST, 6,144 on gameplay) would
+    otherwise drown the 2 x n_actions past-action inputs in the first layer, and the narrow
+    projection holds most of the model's capacity on few episodes (the old, unprojected MLP lost
+    to the state-blind marginal on gameplay and could not learn to repeat the last action on
+    MNIST). Then ``layers`` hidden layers (Linear, GELU), with ``dropout`` on the projected state
+    features and after every hidden layer. ``state_dim`` = 0: the flattened state goes straight
+    into the first hidden layer (the old baseline)."""
 
     def __init__(self, cfg: MLPPolicyConfig):
         super().__init__()
@@ -947,10 +963,14 @@ class MLPPolicy(nn.Module):
             width = cells * cfg.token_dim
         else:
             width = cells * cfg.state_shape[2]
+        if cfg.state_dim:
+            self.state_proj = nn.Sequential(nn.Linear(width, cfg.state_dim), nn.LayerNorm(cfg.state_dim))
+            width = cfg.state_dim
+        self.state_drop = nn.Dropout(cfg.dropout)
         width += cfg.past_actions * cfg.n_actions
         layers: list[nn.Module] = []
         for _ in range(cfg.layers):
-            layers += [nn.Linear(width, cfg.hidden), nn.GELU()]
+            layers += [nn.Linear(width, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout)]
             width = cfg.hidden
         layers.append(nn.Linear(width, cfg.horizon * cfg.n_actions))
         self.net = nn.Sequential(*layers)
@@ -961,6 +981,9 @@ class MLPPolicy(nn.Module):
         _check_state(state, cfg.state_frames, cfg.state_kind, cfg.state_shape, "MLPPolicy")
         _check_past(past, cfg.past_actions, cfg.n_actions, state.shape[0], "MLPPolicy")
         x = (self.embed(state.long()) if cfg.state_kind == "tokens" else state.float()).flatten(1)
+        if cfg.state_dim:
+            x = self.state_proj(x)
+        x = self.state_drop(x)
         if cfg.past_actions:
             x = torch.cat([x, F.one_hot(past.long(), cfg.n_actions).to(x.dtype).flatten(1)], dim=1)
         return self.net(x).view(-1, cfg.horizon, cfg.n_actions)

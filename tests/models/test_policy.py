@@ -513,6 +513,30 @@ def test_mlp_policy_predicts_each_position_from_the_state():
     assert cont(torch.zeros(2, 2, 4, 4, 8)).shape == (2, 2, 3)
 
 
+def test_mlp_projects_the_state_before_the_past_actions_join_it():
+    """``state_dim``: the flattened state goes through a linear map to ``state_dim`` features and a
+    LayerNorm before the one-hot past actions are concatenated (0: no projection, the raw state
+    straight into the hidden layers); dropout acts in training mode only."""
+    shape = dict(n_actions=N_ACTIONS, horizon=2, state_frames=2, state_shape=(8, 8), token_dim=4, hidden=32,
+                 past_actions=2)
+    torch.manual_seed(0)
+    proj = MLPPolicy(MLPPolicyConfig(**shape, state_dim=6, dropout=0.5))
+    assert proj.net[0].in_features == 6 + 2 * N_ACTIONS                        # the past actions are not drowned
+    assert proj.state_proj[0].in_features == 2 * 8 * 8 * 4
+    raw = MLPPolicy(MLPPolicyConfig(**shape, state_dim=0))
+    assert not hasattr(raw, "state_proj") and raw.net[0].in_features == 2 * 8 * 8 * 4 + 2 * N_ACTIONS
+    s, past = states(3, seed=1), torch.tensor([[0, 1], [2, 3], [4, 4]])
+    proj.eval()
+    assert torch.equal(proj(s, past), proj(s, past))                            # no dropout in eval mode
+    assert not torch.allclose(proj(s, past), proj(s, torch.tensor([[1, 1], [3, 3], [0, 0]])))
+    proj.train()
+    assert not torch.equal(proj(s, past), proj(s, past))                        # dropout while training
+    with pytest.raises(ValueError, match="dropout"):
+        MLPPolicyConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="state_dim"):
+        MLPPolicyConfig(state_dim=-1)
+
+
 def test_mlp_loss_is_the_mean_cross_entropy_over_all_positions():
     """The loss the MLP trains on is what it is scored on: the mean NLL over the H positions."""
     torch.manual_seed(0)

@@ -295,6 +295,66 @@ def test_imagination_guard_lets_what_runs_pass():
     imagination.check_imagination(lib.Config(state_frames=2, horizon=2), stand_in("masked", "continuous", 4), 2, "e")
 
 
+# -- the MLP baseline's early stopping -------------------------------------------------------------
+
+
+def test_the_mlp_validation_slice_is_carved_from_the_training_episodes():
+    """``round(n * fraction)`` whole training episodes, seeded, disjoint from the rest, whatever the
+    order given; none when that rounds to 0 or nothing would be left to train on."""
+    train = np.array([0, 2, 3, 5, 7, 8, 9, 11, 12, 13])
+    fit, val = lib.mlp_split(train, 0.2, seed=0)
+    assert len(val) == 2 and len(fit) == 8 and not set(fit) & set(val) and set(fit) | set(val) == set(train)
+    assert list(fit) == sorted(fit) and list(val) == sorted(val)
+    again = lib.mlp_split(train[::-1], 0.2, seed=0)
+    assert np.array_equal(again[0], fit) and np.array_equal(again[1], val)
+    assert any(not np.array_equal(lib.mlp_split(train, 0.2, seed)[1], val) for seed in (1, 2, 3))
+    for ids, fraction in ((train, 0.0), (train, 0.04), (np.array([4]), 0.5)):
+        fit, val = lib.mlp_split(ids, fraction, 0)
+        assert len(val) == 0 and np.array_equal(fit, np.sort(ids))
+    assert [len(x) for x in lib.mlp_split(np.array([1, 2]), 0.9, 0)] == [1, 1]     # at most n - 1
+
+
+def test_best_checkpoint_keeps_the_weights_of_the_lowest_validation_score(tmp_path):
+    """Early stopping: the weights of the evaluation with the lowest score (the first of equal ones),
+    a copy that later training does not change; rebuilt from its file (a resumed run) it remembers
+    that best, and only a lower score replaces it."""
+    model = torch.nn.Linear(2, 1)
+    scores = iter([3.0, 1.0, 1.0, 2.0])
+    path = tmp_path / "run" / "best.pt"
+    best = lib.BestCheckpoint(lambda m: next(scores), path)
+    assert best.best_step is None and best.state is None
+    for step in (10, 20, 30, 40):
+        with torch.no_grad():
+            model.weight.fill_(step)                                   # "training" between evaluations
+        row = best(model, step)
+    assert row == {"val_nll": 2.0, "best_step": 20}
+    assert (best.best_step, best.best_score) == (20, 1.0) and torch.all(best.state["weight"] == 20)
+    resumed = lib.BestCheckpoint(lambda m: 1.0, path)
+    assert (resumed.best_step, resumed.best_score) == (20, 1.0) and torch.all(resumed.state["weight"] == 20)
+    resumed(model, 50)
+    assert resumed.best_step == 20
+    lower = lib.BestCheckpoint(lambda m: 0.5, path)
+    lower(model, 50)
+    assert lower.best_step == 50 and torch.all(lower.state["weight"] == 40)
+    assert lib.BestCheckpoint(lambda m: 9.0, path).best_step == 50
+
+
+def test_mlp_nll_is_the_held_out_score_of_the_mlp():
+    """``mlp_nll`` (the early-stopping score) is the mean of ``policy_items``' ``nll_mlp``, in eval
+    mode whatever the model's mode, which it leaves as it was."""
+    policy = tiny_policy(past_actions=1)
+    g = torch.Generator().manual_seed(0)
+    state = torch.randint(0, 17, (7, 2, 4, 4), generator=g)
+    ids = torch.randint(0, N_ACTIONS, (7, 2), generator=g)
+    past = torch.randint(0, N_ACTIONS, (7, 1), generator=g)
+    with torch.no_grad():
+        logp = policy.mlp(state, past).log_softmax(-1)
+    want = float(-logp.gather(-1, ids[..., None]).mean())
+    policy.mlp.train()
+    assert lib.mlp_nll(policy.mlp, state, ids, past, batch_size=3) == pytest.approx(want, rel=1e-6)
+    assert policy.mlp.training
+
+
 # -- saving and loading ---------------------------------------------------------------------------
 
 

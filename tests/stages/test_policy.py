@@ -9,6 +9,7 @@ The library's pure parts are tested in ``tests/pipeline/test_policy.py``.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,13 +41,14 @@ POLICY = {
     "model": {"state_patch": 4, "dim": 16, "heads": 2, "depth": 1, "mlp_ratio": 2, "past_actions": 1},
     "sample": {"steps": 2},
     "mlp": {"hidden": 16, "layers": 1, "token_dim": 2,
-            "train": {"steps": 4, "batch_size": 8, "warmup_steps": 1, "ckpt_every": 2}},
+            "train": {"steps": 4, "batch_size": 8, "warmup_steps": 1, "ckpt_every": 2, "eval_every": 2}},
     "train": {"steps": 4, "batch_size": 8, "warmup_steps": 1, "ema_decay": 0.9, "ckpt_every": 2, "device": "cpu"},
 }
 EVAL = lib.EvalParams(max_windows=16, mask_levels=[0.5], nelbo_points=2, batch_size=16, imagination_sequences=4,
                       imagination_batch_size=4)
 HEALTH_KEYS = {"final_loss", "mlp_final_loss", "steps_per_s", "train_seconds", "mlp_train_seconds", "train_steps",
-               "n_params", "n_actions", "train_episodes", "val_episodes"}
+               "n_params", "n_actions", "train_episodes", "val_episodes", "mlp_best_step", "mlp_val_nll",
+               "mlp_val_episodes"}
 CONTEXT = 2  # the tiny world models' context (dynamics_config: 2 -> 2 frames)
 
 
@@ -126,6 +128,19 @@ def test_policy_trains_and_saves_both_models(ds, worlds, runs):
     ids = policy.act(state, torch.Generator().manual_seed(0), past=torch.zeros(1, 1, dtype=torch.long))
     assert ids.shape == (1, POLICY["horizon"]) and 0 <= int(ids.min()) and int(ids.max()) < n_actions
 
+    # the MLP baseline's early stopping: a validation slice of the training episodes (never the held-out
+    # ones), evaluated at steps 2 and 4; the saved weights are those of the recorded best NLL there
+    _, mlp_val = lib.mlp_split(train_ids, lib.MlpParams().val_fraction, 0)
+    assert metrics["mlp_val_episodes"] == len(mlp_val) == 1 and not set(mlp_val) & set(val_ids)
+    assert metrics["mlp_best_step"] in (2, 4)
+    act = EpisodeStore.open(worlds[ds]["actions"])
+    stores = {LATENTS_KEY: lat, ACTIONS_KEY: act, ACTION_CLASS_KEY: act}
+    names = [LATENTS_KEY, ACTIONS_KEY] + ([ACTION_CLASS_KEY] if policy.coder.discrete else [])
+    rows = window_index(lat.episode_ends, mlp_val, policy_config().window, 1)
+    batch = {k: torch.from_numpy(np.stack([stores[k].array(k)[a:b] for a, b in rows])) for k in names}
+    v_state, v_ids, v_past = lib.split_batch(batch, policy_config(), policy.coder, policy.state_kind)
+    assert lib.mlp_nll(policy.mlp, v_state, v_ids, v_past) == pytest.approx(metrics["mlp_val_nll"], rel=1e-5)
+
 
 def test_a_killed_run_resumes_to_the_same_bytes(worlds, runs, tmp_path, monkeypatch):
     """A run killed after 2 of its 4 MDLM steps resumes from its checkpoint and writes the same
@@ -146,6 +161,46 @@ def test_a_killed_run_resumes_to_the_same_bytes(worlds, runs, tmp_path, monkeypa
     first = runs["mnist"][1]
     for name in ("model.pt", "mlp.pt", "policy.json"):
         assert (first / name).read_bytes() == (tmp_path / "policy" / name).read_bytes(), name
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").rglob("*"))
+
+
+def test_a_run_killed_in_the_mlp_baseline_keeps_its_best_checkpoint_from_before(worlds, tmp_path, monkeypatch):
+    """The MLP's early stopping across a kill: validation scores made up per step (step 2 the best,
+    step 4 worse); a run killed after 3 of the MLP's 4 steps (past its checkpoint and evaluation at
+    step 2) resumes, and still keeps step 2's weights: the same bytes as the uninterrupted run."""
+    real = train_lib.train
+    seen: dict[int, dict] = {}   # the MLP's weights at each evaluation
+
+    class StepScored(lib.BestCheckpoint):
+        def __init__(self, score, path):
+            super().__init__(lambda m: {2: 1.0, 4: 2.0}[self.now], path)
+
+        def __call__(self, model, step):
+            self.now = step
+            seen[step] = {k: v.clone() for k, v in model.state_dict().items()}
+            return super().__call__(model, step)
+
+    def kill_mlp(model, loss_fn, batches, cfg, ckpt_dir, **kw):
+        if Path(ckpt_dir).name != "mlp":
+            return real(model, loss_fn, batches, cfg, ckpt_dir, **kw)
+        real(model, loss_fn, batches, cfg, ckpt_dir, stop_after=3, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, "BestCheckpoint", StepScored)
+    whole = stage.run(policy_config(), worlds["mnist"], tmp_path / "whole", tmp_path / "work-whole", loader=NO_WORKERS)
+    assert whole["mlp_best_step"] == 2 and whole["mlp_val_nll"] == 1.0
+    saved = lib.Policy.load(tmp_path / "whole", "cpu").mlp.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in seen[2].items())             # step 2's weights, not the last
+    assert not all(torch.equal(saved[k], v) for k, v in seen[4].items())
+    monkeypatch.setattr(stage, "train", kill_mlp)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(policy_config(), worlds["mnist"], tmp_path / "policy", tmp_path / "work", loader=NO_WORKERS)
+    assert any((tmp_path / "work" / "mlp").rglob("best.pt")) and not (tmp_path / "policy").exists()
+    monkeypatch.setattr(stage, "train", real)
+    metrics = stage.run(policy_config(), worlds["mnist"], tmp_path / "policy", tmp_path / "work", loader=NO_WORKERS)
+    assert metrics["mlp_best_step"] == 2 and metrics["resumed_from_step"] == 4     # the MDLM had finished
+    for name in ("model.pt", "mlp.pt", "policy.json"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "policy" / name).read_bytes(), name
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").rglob("*"))
 
 
