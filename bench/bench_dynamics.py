@@ -40,8 +40,8 @@ the family is the trained model's, else ``dynamics.<item>.family`` of params.yam
   medians over ``--rounds`` interleaved rounds; the default params' sizes. For flow also the
   model FLOPs per step (``FlowDynamics.flops_per_frame``: forward + backward, nanoGPT style; the
   teacher's no-grad half steps of the bootstrap rows are not counted) and the achieved FLOP/s.
-- ``gpu`` (only where ``torch.cuda.is_available()``): the GPU profile written as comments in
-  params.yaml under ``dynamics:`` (patch 1, dim 384, depth 6, heads 6, batch 32): the ``train``
+- ``gpu`` (only where ``torch.cuda.is_available()``): the GPU profile of ``scripts/gpu_profile.sh``
+  (dynamics: patch 1, dim 384, depth 6, heads 6, batch 32): the ``train``
   measurement on CUDA (bf16 autocast, as ``pipeline.train``), the flow model's FLOPs utilisation
   against the card's dense bf16 peak, and imagined frames per second at 64x64 (``World.rollout``
   with the cache at the default ``sample_steps``, plus decoding through the tokenizer, of
@@ -108,7 +108,7 @@ SECTIONS = ("shortcut", "cache", "train", "gpu")
 SPEEDUP_GOAL = 10.0
 PSNR_DROP_GOAL = 0.5
 FLOW_ATOL = 1e-4
-# the GPU profile of params.yaml's comments under ``dynamics:`` (the seed notes' sizes)
+# the GPU profile of scripts/gpu_profile.sh (the seed notes' sizes)
 GPU_PROFILE = {"patch": 1, "dim": 384, "depth": 6, "heads": 6}
 GPU_BATCH_SIZE = 32
 # dense bf16 peak FLOP/s by device name (most specific first); others: no MFU, FLOP/s only
@@ -450,7 +450,7 @@ def peak_bf16(device: torch.device) -> float | None:
 
 
 def gpu_profile(cfg: dyn.Config) -> dyn.Config:
-    """The params' block with the GPU profile's sizes (params.yaml's comments under ``dynamics:``)."""
+    """The params' block with the GPU profile's sizes (scripts/gpu_profile.sh)."""
     fam = cfg.family
     sizes = getattr(cfg, fam).model_copy(update=GPU_PROFILE)
     return cfg.model_copy(update={fam: sizes, "train": cfg.train.model_copy(update={"batch_size": GPU_BATCH_SIZE})})

@@ -158,3 +158,29 @@ def test_guard_agrees_with_dvcs_writer(tmp_path, text, survives):
     else:
         with pytest.raises(ParamsError, match=re.escape("line 2: 'a.")):
             check_roundtrip(path)
+
+
+def test_gpu_profile_overrides_are_valid_params(tmp_path):
+    """scripts/gpu_profile.sh (the GPU profile as `dvc exp run -S` overrides): every key it sets
+    exists in params.yaml, and the sections it changes still pass their stages' typed configs."""
+    from pipeline import dynamics, tokenizer
+    from pipeline.config import load_section
+
+    script = (ROOT / "scripts" / "gpu_profile.sh").read_text()
+    overrides = re.findall(r"-S ([\w.]+)=(\S+)", script)
+    assert len(overrides) >= 10, overrides
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key, value in overrides:
+        *path, last = key.split(".")
+        node = params
+        for part in path:
+            assert isinstance(node, dict) and part in node, f"gpu_profile.sh: {key}: no '{part}' in params.yaml"
+            node = node[part]
+        assert last in node, f"gpu_profile.sh: {key}: not a key of params.yaml"
+        node[last] = yaml.safe_load(value)
+    out = tmp_path / "params.yaml"
+    out.write_text(yaml.safe_dump(params, sort_keys=False))
+    for item in ("mnist", "gameplay"):
+        tokenizer_cfg = load_section("tokenizer", tokenizer.Config, item=item, path=out)
+        dynamics_cfg = load_section("dynamics", dynamics.Config, item=item, path=out)
+    assert tokenizer_cfg.kind == "mae" and dynamics_cfg.flow.dim == 384
