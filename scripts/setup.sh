@@ -13,5 +13,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$hash" ]; then
   .venv/bin/python -m pip install -q -e ".[dev]"
   echo "$hash" > "$stamp"
 fi
+# Headless Chromium for the report's browser test (tests/stages/test_report.py): Debian's package.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+  else
+    echo "setup.sh: chromium is missing and this is not root: run 'sudo scripts/setup.sh'" \
+         "(or 'sudo apt-get install chromium'); tests/stages/test_report.py fails without it" >&2
+  fi
+fi
 # DVC needs a git repository (a fresh download of the sources may not be one).
 [ -d .git ] || git init -q

@@ -171,6 +171,7 @@ def main(item: str) -> None:
         write_json(metrics_path("dynamics", item), metrics)
         write_json(Path("plots") / f"dynamics-{item}.json", rows)
         r.log_metrics(metrics)
+        r.log_model(dynamics_dir(item))  # model.pt: the state dict; dynamics.json: class and config
 
 
 if __name__ == "__main__":

@@ -160,6 +160,7 @@ def main(item: str) -> None:
                       loader=loader, tracker=r)
         write_json(metrics_path("policy", item), metrics)
         r.log_metrics(metrics)
+        r.log_model(policy_dir(item))  # model.pt, mlp.pt: state dicts; policy.json: classes and configs
 
 
 if __name__ == "__main__":

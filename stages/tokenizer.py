@@ -241,6 +241,7 @@ def main(item: str | None = None) -> None:
         )
         write_json(metrics_path("tokenizer", item), metrics)
         r.log_metrics(metrics)
+        r.log_model(tokenizer_dir(item))  # model.pt: the state dict; tokenizer.json: class and config
 
 
 if __name__ == "__main__":

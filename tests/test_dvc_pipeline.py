@@ -4,7 +4,8 @@ Covers: a full repro of the data stages and MNIST's model stages (tokenizer, lat
 policy, evaluate), a no-op repro that runs nothing, a param change that reruns exactly the stage
 whose params it touches (not restored from the run cache), an evaluation param that reruns
 `evaluate` only, byte-identical data outputs from a forced rerun as on another CPU (the md5s DVC
-records in dvc.lock), and `dvc metrics show`.
+records in dvc.lock), `dvc metrics show`, and the MLflow tree (one parent run per pipeline state,
+a stage run nested under it per stage that ran; a `dvc exp run` gets a parent of its own).
 """
 from __future__ import annotations
 
@@ -152,6 +153,39 @@ def test_repro_builds_data_stages(repo, first_repro):
         assert (path / "reports/mnist" / name).stat().st_size > 0, name
     show = run(["dvc", "plots", "show", "--json"], path, env)
     assert "plots/evaluate-mnist.json" in show.stdout
+
+
+def mlflow_tree(path: Path) -> dict[str, tuple[dict, list[str]]]:
+    """The repository's MLflow runs as ``{parent run name: (parent tags, [stage run names])}``."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(yaml.safe_load((path / "params.yaml").read_text())["mlflow"]["experiment"])
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = {r.info.run_id: r for r in runs if "pipeline.key" in r.data.tags}
+    tree = {p.info.run_name: (p.data.tags, []) for p in parents.values()}
+    for r in runs:
+        if r.info.run_id not in parents:
+            tree[parents[r.data.tags["mlflow.parentRunId"]].info.run_name][1].append(r.info.run_name)
+    return {name: (tags, sorted(children)) for name, (tags, children) in tree.items()}
+
+
+def test_mlflow_tree_one_parent_per_pipeline_state(repo, first_repro):
+    """Issue 20: the repro's stage runs nest under one parent (its commit and params); a `dvc exp
+    run` makes a parent of its own, named after the experiment, holding the stages it ran. Runs
+    right after the first repro, before the tests below change params (the experiment's outputs
+    stay in the workspace: the later tests' repros start from them)."""
+    path, env = repo
+    (name, (tags, children)), = mlflow_tree(path).items()
+    assert name.startswith("pipeline@") and tags["git_commit"] in tags["pipeline.key"]
+    assert children == sorted(STAGES)
+    proc = run(["dvc", "exp", "run", "-n", "boot23", "-S", "evaluate.mnist.bootstrap=23", "evaluate@mnist"], path, env)
+    assert ran_stages(proc.stdout) == ["evaluate@mnist"], proc.stdout
+    tree = mlflow_tree(path)
+    assert set(tree) == {name, "boot23"} and tree[name][1] == sorted(STAGES)
+    tags, children = tree["boot23"]
+    assert children == ["evaluate@mnist"] and tags["dvc.exp_name"] == "boot23"
+    assert tags["params_hash"] != tree[name][0]["params_hash"]
 
 
 def test_noop_repro_runs_nothing(repo, first_repro):
