@@ -219,3 +219,33 @@ def test_the_browser_check_sees_failures(tmp_path):
     assert [i["width"] for i in res.imgs] == [0, 0]
     assert res.videos[0]["width"] == 0 and res.videos[0]["error"]
     assert any("boom" in err for err in res.errors) and any("missing.png" in err for err in res.errors)
+
+
+def test_main_logs_every_metric_and_the_page_to_the_parent_run(root, monkeypatch):
+    """Issue 20: `report` logs every metric, and the page with its media, to the pipeline state's
+    parent run (which holds params.yaml flattened); its own run is nested under that parent."""
+    import mlflow
+
+    from stages import report as stage
+
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(root.parent))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    stage.main()
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("world-models").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("pipeline.parent") == "true"]
+    assert len(parents) == 1, [r.info.run_name for r in runs]
+    parent = parents[0]
+    (own,) = [r for r in runs if r.info.run_name == "report"]
+    assert own.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    evaluate = json.loads((root / "metrics/evaluate-mnist.json").read_text())
+    assert parent.data.metrics["evaluate-mnist.mse"] == pytest.approx(evaluate["mse"])
+    assert parent.data.metrics["evaluate-mnist.val.mse"] == pytest.approx(evaluate["val"]["mse"])
+    assert "dynamics-gameplay.final_loss" in parent.data.metrics
+    assert parent.data.params["evaluate.mnist.horizon"] == str(
+        yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["mnist"]["horizon"])
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/index.html", "report/mnist", "report/gameplay"} <= logged, logged
+    media = {a.path for a in client.list_artifacts(parent.info.run_id, "report/mnist")}
+    assert "report/mnist/media.json" in media
