@@ -138,6 +138,17 @@ def load_section(section: str, model: type[M], item: str | None = None, path: Pa
     return validate(model, sub, where=where, path=path)
 
 
+def dig(params: dict, dotted: str) -> Any:
+    """The value at the dotted key ``dotted`` of nested ``params`` (``"dynamics.mnist.family"``), or
+    None where a part is missing."""
+    node: Any = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     """Flatten nested dicts/models to dotted keys (for MLflow params)."""
     if isinstance(d, BaseModel):

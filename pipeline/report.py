@@ -28,6 +28,7 @@ from urllib.parse import quote
 import yaml
 
 from pipeline.atomic import write_text
+from pipeline.config import dig
 from pipeline.paths import DATASETS, GAMEPLAY_FRAMES_MANIFEST, metrics_path
 
 REPORTS = Path("reports")
@@ -156,15 +157,6 @@ def params_sections(text: str, keep: tuple[str, ...] = PARAMS_SECTIONS) -> str:
         if key in keep:
             out.extend(lines[begin:end])
     return "\n".join(out).strip("\n") + "\n"
-
-
-def dotted(params: dict, key: str) -> Any:
-    node: Any = params
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -477,9 +469,9 @@ def limits_section(root: Path, params: dict, evals: dict[str, dict]) -> str:
     items.append("<li>CPU-sized models, trained for minutes, not a paper's scale: " + "; ".join(sizes) + ".</li>")
     priors = []
     for key, what in PRIORS.items():
-        v = dotted(params, key)
+        v = dig(params, key)
         ds = key.split(".")[1]
-        family = dotted(params, f"dynamics.{ds}.family")
+        family = dig(params, f"dynamics.{ds}.family")
         if v is None or family != key.split(".")[2]:
             continue
         on = bool(v)

@@ -47,7 +47,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from pipeline.config import StrictModel, flatten, params_path, read_params
+from pipeline.config import StrictModel, dig, flatten, params_path, read_params
 from pipeline.paths import repo_root
 
 EXPERIMENT = "world-models"
@@ -249,15 +249,6 @@ def upstream(stages: dict[str, dict[str, list]], address: str) -> list[str]:
     return sorted(seen)
 
 
-def _dig(params: dict, dotted: str) -> Any:
-    node: Any = params
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def stage_lineage(address: str, params: dict) -> tuple[dict[str, Any], dict[str, str]]:
     """For the stage at ``address``: the params sections ``dvc.yaml`` lists for it and every stage
     upstream, flattened under ``params.<section>``; and tags ``inputs.<path>`` = the md5
@@ -268,7 +259,7 @@ def stage_lineage(address: str, params: dict) -> tuple[dict[str, Any], dict[str,
     flat: dict[str, Any] = {}
     for name in [address, *upstream(stages, address)]:
         for section in stages[name]["params"]:
-            value = _dig(params, section)
+            value = dig(params, section)
             if isinstance(value, dict):
                 flat.update(flatten(value, f"params.{section}."))
             elif value is not None:

@@ -29,13 +29,20 @@ def _dag(tmp_path: Path, params: dict = PARAMS) -> None:
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(LOCK))
 
 
-def test_stage_run_logs_to_sqlite(tmp_path, monkeypatch):
+def _store(tmp_path: Path, monkeypatch, experiment: str) -> str:
+    """A SQLite store and experiment in ``tmp_path`` (the cwd, holding the two-stage DAG), outside
+    any DVC experiment; returns the store's URI."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test-exp")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     monkeypatch.chdir(tmp_path)
     _dag(tmp_path)
+    return uri
+
+
+def test_stage_run_logs_to_sqlite(tmp_path, monkeypatch):
+    uri = _store(tmp_path, monkeypatch, "test-exp")
     art = tmp_path / "note.txt"
     art.write_text("hello")
     with stage_run("actions", "gameplay", {"method": "phase_correlation", "nested": {"k": 3}}) as r:
@@ -64,12 +71,7 @@ def test_stage_run_logs_to_sqlite(tmp_path, monkeypatch):
 
 def test_one_parent_per_pipeline_state(tmp_path, monkeypatch):
     """Stages of one state share a parent; a params change or a DVC experiment makes another."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tree")
-    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    monkeypatch.chdir(tmp_path)
-    _dag(tmp_path)
+    uri = _store(tmp_path, monkeypatch, "tree")
     for item in ("mnist", "gameplay"):
         with stage_run("actions", item):
             pass
@@ -182,12 +184,7 @@ def test_uncommitted_code_makes_its_own_parent(tmp_path, monkeypatch):
     that finishes rewrites it) is not."""
     import subprocess
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "code")
-    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    monkeypatch.chdir(tmp_path)
-    _dag(tmp_path)
+    uri = _store(tmp_path, monkeypatch, "code")
     (tmp_path / "a.py").write_text("x = 1\n")
     for cmd in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "i"]):
         subprocess.run(["git", *cmd], cwd=tmp_path, check=True)
